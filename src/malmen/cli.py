@@ -1,0 +1,258 @@
+"""Command line: ``malmen train | edit | eval``.  ``malmen COMMAND --help`` for options.
+
+Errors in user input (fact files, module names, editor directories) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+DATA_HINT = "a fact file: zsRE (MEND or EasyEdit fields), CounterFact (EasyEdit or ROME), or JSONL with prompt/target"
+
+
+class UsageError(Exception):
+    """Bad user input: reported as one line, exit code 2."""
+
+
+def _torch_setup(args) -> None:
+    import torch
+
+    torch.manual_seed(getattr(args, "seed", 0))
+
+
+def _load(args):
+    from .models import load_model
+
+    import torch
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    return load_model(args.model, dtype=dtype, device=args.device)
+
+
+def _facts(path: str, target: str, split: str | None = None, limit: int | None = None) -> list:
+    from .datasets import load_facts
+
+    facts = []
+    for fact in load_facts(path, target=target, split=split):
+        facts.append(fact)
+        if limit is not None and len(facts) >= limit:
+            break
+    if not facts:
+        raise UsageError(f"{path}: no facts{' in the ' + split + ' split' if split else ''}")
+    return facts
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="fact", dynamic_ncols=True, disable=None)
+
+
+# ---------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    from .editor import EditorConfig, MalmenEditor
+    from .hypernet import HyperConfig
+    from .train import TrainConfig, Trainer
+
+    _torch_setup(args)
+    train = []
+    for path in args.data:
+        train += _facts(path, args.target, split=None if args.no_split else "train")
+    val = _facts(args.val_data or args.data[0], args.target, split=None if (args.no_split or args.val_data) else "val")
+    if not args.val_data and args.no_split:
+        val = train[-args.val_n:]
+        train = train[:-args.val_n]
+    model, tok = _load(args)
+    config = EditorConfig(modules=args.modules or [], aggregation=args.method,
+                          hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
+                          lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size)
+    try:
+        editor = MalmenEditor(model, tok, config)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
+                     c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
+                     seed=args.seed, max_minutes=args.max_minutes)
+    trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
+    trainer.resume()
+    print(f"training {config.aggregation} on {len(trainer.train)} facts ({len(trainer.val)} validation), "
+          f"{tc.n_edits} facts per step, modules {editor.modules}", file=sys.stderr)
+    from tqdm import tqdm
+    bar = tqdm(total=tc.steps, initial=trainer.step_index, desc="meta-training", unit="step", dynamic_ncols=True, disable=None)
+    log_path = Path(args.out) / "train_log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def progress(step, stats):
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("gen_loss", "loc_loss", "val_ES", "val_GS", "val_LS")})
+        with open(log_path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        if "val_score" in stats:
+            tqdm.write(f"step {step}: val ES {stats['val_ES']:.3f} GS {stats['val_GS']:.3f} LS {stats['val_LS']:.3f}", file=sys.stderr)
+
+    result = trainer.fit(progress)
+    bar.close()
+    times = [h["seconds"] for h in trainer.history]
+    print(f"done: {result['steps']} steps, best validation score {result['best_score']:.3f}, "
+          f"{sum(times) / max(1, len(times)):.2f} s per step; best editor in {Path(args.out) / 'best'}")
+    return 0
+
+
+# ---------------------------------------------------------------- edit
+
+def cmd_edit(args) -> int:
+    from .editor import MalmenEditor
+    from .evaluate import greedy_starts_with
+    from .io import atomic_dir
+
+    _torch_setup(args)
+    facts = _facts(args.facts, args.target)
+    model, tok = _load(args)
+    try:
+        editor = MalmenEditor.from_pretrained(args.editor, model, tok)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    shown = facts[: args.show]
+    answers_before = _answers(editor, [f.prompt for f in shown])
+    bar = _progress(len(facts), "editing")
+    start = time.perf_counter()
+    editor.edit(facts, progress=bar.update)
+    bar.close()
+    seconds = time.perf_counter() - start
+    answers_after = _answers(editor, [f.prompt for f in shown])
+    for fact, a0, a1 in zip(shown, answers_before, answers_after):
+        print(f"{fact.prompt}\n  target: {fact.target}\n  before: {a0}\n  after:  {a1}")
+    print(f"edited {len(facts)} facts at once in {seconds:.1f} s")
+    if args.out:
+        with atomic_dir(args.out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        print(f"saved the edited model to {args.out}")
+    return 0
+
+
+def _answers(editor, prompts, max_new_tokens: int = 8) -> list[str]:
+    import torch
+
+    tok, out = editor.adapter.tokenizer, []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")["input_ids"].to(editor.adapter.device)
+        with torch.no_grad():
+            gen = editor.adapter.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                                do_sample=False, pad_token_id=editor.adapter.pad_id)
+        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " "))
+    return out
+
+
+# ---------------------------------------------------------------- eval
+
+def cmd_eval(args) -> int:
+    from .editor import MalmenEditor
+    from .evaluate import evaluate, table
+    from .io import write_json
+
+    _torch_setup(args)
+    facts = _facts(args.data, args.target, split=args.split, limit=args.n_edits * args.groups)
+    if len(facts) < args.n_edits:
+        print(f"note: only {len(facts)} facts available; editing all of them at once", file=sys.stderr)
+    model, tok = _load(args)
+    try:
+        editor = MalmenEditor.from_pretrained(args.editor, model, tok)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    if args.method:
+        editor.config.aggregation = args.method
+    result = evaluate(editor, facts, args.n_edits, generate=not args.no_generate,
+                      progress=lambda m: print(m, file=sys.stderr))
+    result.update(editor=str(args.editor), data=str(args.data), target=args.target, split=args.split, model=args.model)
+    print(table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="malmen", description="Edit many facts into a language model at once (MALMEN).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, HF directory/hub id, or .gguf file (default {DEFAULT_MODEL})")
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="LM dtype; hyper-network and solver stay fp32")
+        sp.add_argument("--target", default="new", choices=["new", "true"], help="edit in the counterfactual (new) or the true answer")
+        sp.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="meta-train an editor (hyper-network)")
+    common(t)
+    t.add_argument("--data", nargs="+", required=True, help=DATA_HINT + "; zsRE files use the fixed train split")
+    t.add_argument("--val-data", help="validation facts (default: the fixed zsRE validation split of the first --data file)")
+    t.add_argument("--no-split", action="store_true", help="use all of --data for training (validation: --val-data or its last facts)")
+    t.add_argument("--out", required=True, help="run directory: best/, last/ (resumed from if present), train_log.jsonl")
+    t.add_argument("--method", default="malmen", choices=["malmen", "sum"], help="aggregation: malmen (normal equation) or sum (MEND)")
+    t.add_argument("--modules", nargs="+", help="edited linear layers (default: MLP output of the last 6 blocks)")
+    t.add_argument("--rank", type=int, default=256)
+    t.add_argument("--blocks", type=int, default=2)
+    t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--max-minutes", type=float, help="stop after this long (best checkpoint kept)")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--scalar-lr", type=float, default=1e-2, help="Adam lr of log-step and log-lambda")
+    t.add_argument("--c-loc", type=float, default=1.0, help="weight of the locality loss")
+    t.add_argument("--clip", type=float, default=1.0)
+    t.add_argument("--val-every", type=int, default=50)
+    t.add_argument("--val-n", type=int, default=128, help="validation facts edited at once")
+    t.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch")
+    t.add_argument("--hyper-batch-size", type=int, default=4096, help="tokens per hyper-network chunk")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("edit", help="edit facts into the model at once; optionally save the edited model")
+    common(e)
+    e.add_argument("--editor", required=True, help="editor directory or shipped editor name")
+    e.add_argument("--facts", required=True, help=DATA_HINT)
+    e.add_argument("--out", help="directory for the edited model (save_pretrained); written atomically")
+    e.add_argument("--show", type=int, default=5, help="facts whose before/after answers are printed")
+    e.set_defaults(func=cmd_edit)
+
+    v = sub.add_parser("eval", help="edit N facts at once and report ES/GS/LS, edited and unedited")
+    common(v)
+    v.add_argument("--editor", required=True, help="editor directory or shipped editor name")
+    v.add_argument("--data", required=True, help=DATA_HINT)
+    v.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed zsRE split")
+    v.add_argument("--n-edits", type=int, default=128, help="facts edited at once")
+    v.add_argument("--groups", type=int, default=1, help="number of groups of n facts (each edited and reverted)")
+    v.add_argument("--method", choices=["malmen", "sum"], help="override the editor's aggregation")
+    v.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics")
+    v.add_argument("--out", help="results JSON")
+    v.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .facts import FactError
+
+    try:
+        return args.func(args)
+    except (FactError, UsageError) as err:
+        print(f"malmen: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"malmen: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("malmen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

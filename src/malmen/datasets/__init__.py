@@ -1,0 +1,58 @@
+"""Fact files in every supported format, detected from the fields of the first record.
+
+>>> facts = list(load_facts("zsre_mend_eval_with_subject.json", target="new"))
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..facts import Fact, FactError, Record, read_records
+from . import counterfact, user, zsre
+
+# name -> (keys whose presence identifies the format, converter)
+FORMATS: dict[str, tuple[set[str], Callable[[Record, str], Fact]]] = {
+    "zsre-mend": (zsre.MEND_KEYS, zsre.from_mend),
+    "zsre": (zsre.EASYEDIT_KEYS, zsre.from_easyedit),
+    "counterfact": (counterfact.EASYEDIT_KEYS, counterfact.from_easyedit),
+    "counterfact-rome": (counterfact.ROME_KEYS, counterfact.from_rome),
+    "facts": (user.KEYS, user.from_user),
+}
+TARGETS = ("new", "true")
+
+
+def detect_format(record: Record) -> str:
+    """The format whose identifying keys the record has (the most specific one wins)."""
+    matches = [name for name, (keys, _) in FORMATS.items() if keys <= record.obj.keys()]
+    if not matches:
+        known = "; ".join(f"{n}: {', '.join(sorted(k))}" for n, (k, _) in FORMATS.items())
+        raise record.error(None, f"unknown fact format (fields {sorted(record.obj)[:8]}); expected one of {known}")
+    return max(matches, key=lambda n: len(FORMATS[n][0]))
+
+
+def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
+               split: str | None = None) -> Iterator[Fact]:
+    """Stream the facts of ``path``.
+
+    ``target``: 'new' (counterfactual) or 'true' (the true answer).  ``fmt``: 'auto' or a key of
+    FORMATS.  ``split``: None, 'train' or 'val' to keep one side of the fixed zsRE split.
+    Raises FactError (file, record, field) on malformed input, including a file with no facts.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    records = read_records(path)
+    first = next(records, None)
+    if first is None:
+        raise FactError(str(path), None, None, "contains no facts")
+    name = detect_format(first) if fmt == "auto" else fmt
+    if name not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    to_fact = FORMATS[name][1]
+    for record in itertools.chain([first], records):
+        fact = to_fact(record, target)
+        if split is None or zsre.split_of(fact) == split:
+            yield fact
+
+
+__all__ = ["FORMATS", "load_facts", "detect_format", "zsre", "counterfact", "user"]

@@ -1,0 +1,64 @@
+"""zsRE (MEND split) in its two field conventions, and our fixed train/validation split.
+
+MEND/ROME names: ``src, rephrase, alt, answers, loc, loc_ans`` (the 1k training subset).
+EasyEdit names: ``prompt, target_new, ground_truth, paraphrase_prompts, similar_prompts,
+locality_prompt, locality_ground_truth`` (the eval file with subjects).
+``target="new"`` edits in the counterfactual answer (MEND's ``alt``); ``"true"`` the true answer.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from ..facts import Fact, Record
+
+MEND_KEYS = {"src", "alt"}
+EASYEDIT_KEYS = {"prompt", "target_new", "paraphrase_prompts"}
+
+
+def _locality_prompt(record: Record, name: str) -> str:
+    return record.text(name)
+
+
+def from_mend(record: Record, target: str = "new") -> Fact:
+    answers = record.texts("answers", required=True)
+    alt = record.text("alt")
+    return Fact(
+        prompt=record.text("src"),
+        target=alt if target == "new" else answers[0],
+        rephrases=record.texts("rephrase", required=True),
+        locality_prompt=_locality_prompt(record, "loc"),
+        locality_answer=record.text("loc_ans"),
+        subject=record.text("subject", required=False),
+        true_answer=answers[0],
+        uid=record.uid("case_id"),
+    )
+
+
+def from_easyedit(record: Record, target: str = "new") -> Fact:
+    truth = record.text("ground_truth", required=target == "true")
+    new = record.text("target_new")
+    rephrases = record.texts("paraphrase_prompts", required=True) + record.texts("similar_prompts")
+    return Fact(
+        prompt=record.text("prompt"),
+        target=new if target == "new" else truth,
+        rephrases=rephrases,
+        locality_prompt=_locality_prompt(record, "locality_prompt"),
+        locality_answer=record.text("locality_ground_truth"),
+        subject=record.text("subject", required=False),
+        true_answer=truth,
+        uid=record.uid("case_id"),
+    )
+
+
+# The split is part of our results' definition: never change it.  A fact is in validation when its
+# case_id (or, without one, the SHA-1 of its prompt) is 0 modulo 10; about 10% of the records.
+VAL_MODULUS = 10
+
+
+def split_of(fact: Fact) -> str:
+    """'val' or 'train' for a zsRE fact, deterministically."""
+    if fact.uid is not None and fact.uid.isdigit():
+        key = int(fact.uid)
+    else:
+        key = int(hashlib.sha1(fact.prompt.encode("utf-8")).hexdigest(), 16)
+    return "val" if key % VAL_MODULUS == 0 else "train"

@@ -1,0 +1,237 @@
+"""Editing: trace facts, run the hyper-network, aggregate, apply one shift; revert exactly.
+
+    editor = MalmenEditor.from_pretrained("runs/zsre/best", model, tokenizer)
+    handle = editor.edit(facts)          # one aggregated update for all facts
+    ...
+    handle.revert()                      # bitwise the original weights
+
+Methods differ only in their aggregation (``solver.AGGREGATIONS``): 'malmen' (normal equation)
+or 'sum' (MEND).  Everything else is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import io, linear
+from .facts import Fact
+from .hypernet import HyperConfig, HyperNetwork, shapes_of
+from .models import Batch, CausalLMAdapter, model_identity
+from .solver import AGGREGATIONS
+from .tracing import KeyGradTrace
+
+FORMAT = "malmen-editor"
+VERSION = 1
+
+
+@dataclass
+class EditorConfig:
+    modules: list[str] = field(default_factory=list)   # empty: the adapter's default
+    aggregation: str = "malmen"                         # 'malmen' or 'sum' (MEND)
+    hyper: HyperConfig = field(default_factory=HyperConfig)
+    lm_batch_size: int = 32                             # facts per LM micro-batch
+    hyper_batch_size: int = 4096                        # tokens per hyper-network chunk
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EditorConfig":
+        d = dict(d)
+        d["hyper"] = HyperConfig(**d.get("hyper", {}))
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- tracing facts
+
+def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum over facts of each fact's mean cross-entropy on its answer tokens.
+
+    Per-fact means make a fact's value-gradient independent of the batch it is traced in.
+    """
+    targets = batch.targets[batch.mask]
+    token_loss = nn.functional.cross_entropy(logits, targets, reduction="none")
+    counts = batch.mask.sum(1)
+    weights = (1.0 / counts.clamp_min(1)).repeat_interleave(counts)
+    return (token_loss * weights).sum()
+
+
+def trace(adapter: CausalLMAdapter, modules: Sequence[str], batch: Batch) -> tuple[dict, dict]:
+    """Keys and value-gradients at the answer tokens of one teacher-forced batch."""
+    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, batch.mask) as t:
+        loss = finetune_loss(adapter.answer_logits(batch), batch)
+        loss.backward()
+    return t.keys, t.grads
+
+
+def micro_batches(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def bucketed(items: Iterable, size: int, length: Callable, window: int = 32) -> Iterator[list]:
+    """Micro-batches of ``size`` items of similar ``length`` (less padding), sorting within windows
+    of ``window`` micro-batches so that streams stay streams."""
+    for block in micro_batches(items, size * window):
+        yield from micro_batches(sorted(block, key=length), size)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+# ---------------------------------------------------------------- applying shifts
+
+class EditHandle:
+    """The shifts of one edit and the original weights, for an exact revert."""
+
+    def __init__(self, model: nn.Module, shifts: dict[str, torch.Tensor]):
+        self.model, self.shifts = model, shifts
+        self.originals = {name: model.get_submodule(name).weight.detach().clone() for name in shifts}
+        for name, shift in shifts.items():
+            linear.add_shift(model.get_submodule(name), shift)
+        self.active = True
+
+    def revert(self) -> None:
+        """Restore every edited weight bitwise (copied back, never subtracted)."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for name, weight in self.originals.items():
+                self.model.get_submodule(name).weight.copy_(weight)
+        self.active = False
+
+    def __enter__(self) -> "EditHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revert()
+
+
+# ---------------------------------------------------------------- the editor
+
+class MalmenEditor:
+    """A meta-learned editor bound to a model: ``edit(facts)`` applies one aggregated shift."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: EditorConfig | None = None,
+                 hypernet: HyperNetwork | None = None, adapter: CausalLMAdapter | None = None):
+        self.config = config or EditorConfig()
+        self.adapter = adapter or CausalLMAdapter(model, tokenizer)
+        self.model = model
+        modules = self.config.modules or self.adapter.default_modules()
+        self.config.modules = self.adapter.check_modules(modules)
+        shapes = shapes_of(model, self.config.modules)
+        if self.config.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.config.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        self.hypernet = hypernet or HyperNetwork(shapes, self.config.hyper)
+        if self.hypernet.shapes != shapes:
+            raise ValueError(f"editor was built for modules {self.hypernet.shapes}, model has {shapes}")
+        self.hypernet.to(self.adapter.device)
+
+    @property
+    def modules(self) -> list[str]:
+        return self.config.modules
+
+    def new_aggregators(self) -> dict:
+        cls = AGGREGATIONS[self.config.aggregation]
+        return {name: cls(*self.hypernet.shapes[name], device=self.adapter.device) for name in self.modules}
+
+    def batches(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[Batch]:
+        for group in bucketed(facts, self.config.lm_batch_size, lambda f: len(prompt(f)) + len(f.target)):
+            yield self.adapter.batch([prompt(f) for f in group], [f.target for f in group])
+
+    def accumulate(self, aggregators: dict, keys: dict, grads: dict) -> None:
+        """Feed one traced micro-batch through the hyper-network into the aggregators."""
+        with torch.no_grad():
+            for name in self.modules:
+                eta = self.hypernet.eta(name)
+                k, g = keys[name], grads[name]
+                for s in chunks(k.shape[0], self.config.hyper_batch_size):
+                    pk, pg = self.hypernet(name, k[s], g[s])
+                    aggregators[name].accumulate(k[s], pk, pg, eta)
+
+    def solve(self, aggregators: dict) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {name: aggregators[name].solve(self.hypernet.lam(name)) for name in self.modules}
+
+    def shifts(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+        """The shift of every edited module for all ``facts`` (streamed; memory flat in their number)."""
+        aggregators = self.new_aggregators()
+        seen = 0
+        for batch in self.batches(facts):
+            keys, grads = trace(self.adapter, self.modules, batch)
+            self.accumulate(aggregators, keys, grads)
+            seen += len(batch)
+            if progress:
+                progress(len(batch))
+        if seen == 0:
+            raise ValueError("no facts to edit")
+        return self.solve(aggregators)
+
+    def edit(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> EditHandle:
+        """Apply one aggregated update for all facts; the handle reverts it exactly."""
+        return EditHandle(self.model, self.shifts(facts, progress))
+
+    # --- persistence (safetensors + JSON, Hugging Face style)
+    def save_pretrained(self, path: str | Path, extra: dict | None = None,
+                        tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Write editor.safetensors and editor.json (plus ``tensor_files``) into ``path`` atomically."""
+        meta = {
+            "format": FORMAT, "version": VERSION,
+            "config": self.config.to_dict(),
+            "shapes": {k: list(v) for k, v in self.hypernet.shapes.items()},
+            "base_model": model_identity(self.model, self.modules),
+            **(extra or {}),
+        }
+        with io.atomic_dir(path) as tmp:
+            io.save_tensors(tmp / "editor.safetensors", self.hypernet.state_dict())
+            for filename, tensors in (tensor_files or {}).items():
+                io.save_tensors(tmp / filename, tensors)
+            io.write_json(tmp / "editor.json", meta)
+
+    @staticmethod
+    def read_config(path: str | Path) -> dict:
+        meta = io.read_json(Path(path) / "editor.json")
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}/editor.json: not a malmen editor (format {meta.get('format')!r})")
+        return meta
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model: nn.Module, tokenizer, strict_base: bool = True) -> "MalmenEditor":
+        """Load an editor saved by ``save_pretrained`` for ``model``.
+
+        Raises ValueError if the editor was trained for other modules or another base model
+        (``strict_base=False`` downgrades a weight-fingerprint mismatch to a warning).
+        """
+        from .registry import resolve_editor
+
+        path = resolve_editor(path)
+        meta = cls.read_config(path)
+        config = EditorConfig.from_dict(meta["config"])
+        adapter = CausalLMAdapter(model, tokenizer)
+        adapter.check_modules(config.modules)
+        shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+        if shapes_of(model, config.modules) != shapes:
+            raise ValueError(f"{path}: editor was trained for modules of shapes {shapes}, not this model's")
+        identity = model_identity(model, config.modules)
+        trained = meta.get("base_model", {})
+        if trained.get("edited_weights_sha256") not in (None, identity["edited_weights_sha256"]):
+            message = f"{path}: editor was trained on another base model ({trained.get('name')!r})"
+            if strict_base:
+                raise ValueError(message)
+            import warnings
+            warnings.warn(message)
+        hypernet = HyperNetwork(shapes, config.hyper)
+        hypernet.load_state_dict(io.load_tensors(Path(path) / "editor.safetensors"))
+        return cls(model, tokenizer, config, hypernet, adapter)

@@ -1,0 +1,144 @@
+"""ES / GS / LS for a batch of facts edited at once, with the unedited model's figures beside.
+
+Per fact, averaged over facts (DESIGN.md section 5):
+  ES, GS   teacher-forced token accuracy on the edit prompt / headline rephrase (the paper's);
+  *_exact  all answer tokens right;  *_gen  greedy continuation starts with the target;
+  LS       fraction of locality answer tokens whose argmax is unchanged by the edit (headline);
+  LS_data  token accuracy against the dataset's locality answer (the paper's variant).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .editor import MalmenEditor, micro_batches
+from .facts import Fact
+from .models import CausalLMAdapter
+
+METRICS = ("ES", "GS", "LS", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data")
+
+
+@torch.no_grad()
+def predictions(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Sequence[str],
+                batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pair: (argmax predictions, target ids) at the answer positions, teacher-forced."""
+    out = []
+    for group in micro_batches(list(zip(prompts, answers)), batch_size):
+        batch = adapter.batch([p for p, _ in group], [a for _, a in group])
+        pred = adapter.answer_logits(batch).argmax(-1).cpu()
+        targets = batch.targets[batch.mask].cpu()
+        counts = batch.mask.sum(1).tolist()
+        out.extend(zip(pred.split(counts), targets.split(counts)))
+    return out
+
+
+@torch.no_grad()
+def greedy_starts_with(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Sequence[str],
+                       batch_size: int = 32) -> list[bool]:
+    """Whether the greedy continuation of each prompt starts with its answer."""
+    tok, model = adapter.tokenizer, adapter.model
+    results = []
+    for group in micro_batches(list(zip(prompts, answers)), batch_size):
+        rows = [tok(p)["input_ids"][-adapter.max_length:] for p, _ in group]
+        n_new = max(len(adapter.encode(p, a)[0]) - adapter.encode(p, a)[1] for p, a in group) + 1
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), adapter.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # left padding for generation
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        out = model.generate(input_ids=ids.to(adapter.device), attention_mask=mask.to(adapter.device),
+                             max_new_tokens=n_new, do_sample=False, pad_token_id=adapter.pad_id)
+        for (p, a), row in zip(group, out[:, width:]):
+            text = tok.decode(row, skip_special_tokens=True)
+            results.append(text.strip().startswith(a.strip()))
+    return results
+
+
+def snapshot(adapter: CausalLMAdapter, facts: Sequence[Fact], generate: bool,
+             reference: list | None = None, batch_size: int = 32) -> tuple[dict, list]:
+    """Per-fact metric lists for the model as it is now; also returns the locality argmaxes."""
+    targets = [f.target for f in facts]
+    es = predictions(adapter, [f.prompt for f in facts], targets, batch_size)
+    gs_facts = [f for f in facts if f.rephrases]
+    gs = predictions(adapter, [f.rephrases[0] for f in gs_facts], [f.target for f in gs_facts], batch_size)
+    loc_facts = [f for f in facts if f.has_locality]
+    loc = predictions(adapter, [f.locality_prompt for f in loc_facts], [f.locality_answer for f in loc_facts], batch_size)
+    m = {
+        "ES": [float((p == t).float().mean()) for p, t in es],
+        "ES_exact": [float((p == t).all()) for p, t in es],
+        "GS": [float((p == t).float().mean()) for p, t in gs],
+        "GS_exact": [float((p == t).all()) for p, t in gs],
+        "LS_data": [float((p == t).float().mean()) for p, t in loc],
+    }
+    loc_pred = [p for p, _ in loc]
+    ref = reference if reference is not None else loc_pred
+    m["LS"] = [float((p == r).float().mean()) for p, r in zip(loc_pred, ref)]
+    if generate:
+        m["ES_gen"] = [float(x) for x in greedy_starts_with(adapter, [f.prompt for f in facts], targets, batch_size)]
+        m["GS_gen"] = [float(x) for x in greedy_starts_with(
+            adapter, [f.rephrases[0] for f in gs_facts], [f.target for f in gs_facts], batch_size)]
+    return m, loc_pred
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate: bool = True,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Edit ``facts`` in consecutive groups of ``n_edits`` at once; average metrics over all facts.
+
+    Every group is edited into the unedited model and reverted afterwards.
+    """
+    facts = list(facts)
+    if not facts:
+        raise ValueError("no facts to evaluate")
+    groups = [facts[i:i + n_edits] for i in range(0, len(facts), n_edits)]
+    if len(groups) > 1 and len(groups[-1]) < n_edits:
+        groups = groups[:-1]  # every reported edit has exactly n_edits facts
+    before: dict[str, list] = {}
+    after: dict[str, list] = {}
+    edit_seconds = []
+    bs = editor.config.lm_batch_size
+    for i, group in enumerate(groups):
+        if progress:
+            progress(f"group {i + 1}/{len(groups)}: unedited")
+        m0, reference = snapshot(editor.adapter, group, generate, None, bs)
+        start = time.perf_counter()
+        handle = editor.edit(group)
+        edit_seconds.append(time.perf_counter() - start)
+        try:
+            if progress:
+                progress(f"group {i + 1}/{len(groups)}: edited {len(group)} facts in {edit_seconds[-1]:.1f}s")
+            m1, _ = snapshot(editor.adapter, group, generate, reference, bs)
+        finally:
+            handle.revert()
+        for key in m0:
+            before.setdefault(key, []).extend(m0[key])
+            after.setdefault(key, []).extend(m1[key])
+
+    def mean(values: list) -> float:
+        return sum(values) / len(values) if values else math.nan
+
+    result = {"n_edits": len(groups[0]), "n_facts": sum(map(len, groups)), "n_groups": len(groups)}
+    result.update({k: mean(v) for k, v in after.items()})
+    result["before"] = {k: mean(v) for k, v in before.items()}
+    result["edit_seconds"] = mean(edit_seconds)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def table(result: dict) -> str:
+    """A small Markdown table: metric, unedited, edited."""
+    lines = [f"n = {result['n_edits']} facts edited at once, {result['n_groups']} group(s), {result['n_facts']} facts",
+             "| metric | unedited | edited |", "| --- | ---: | ---: |"]
+    for key in METRICS:
+        if key in result:
+            lines.append(f"| {key} | {result['before'][key]:.3f} | {result[key]:.3f} |")
+    lines.append(f"edit time {result['edit_seconds']:.2f} s per group, peak RSS {result['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""The MALMEN hyper-network (paper section 4; DESIGN.md section 4).
+
+One network per distinct edited-weight shape (a, b); modules of the same shape share it and are
+told apart by their index, which selects a per-module scale and shift in every block.  Input is
+``[k; g]`` (key and value-gradient of one answer token), normalised by running statistics that
+are updated only during meta-training; output is the pseudo key and pseudo value-gradient.
+Each module also owns a learned step ``eta`` and regulariser ``lambda``, both stored as logs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class HyperConfig:
+    rank: int = 256           # low rank r of every block (paper: 1920 for GPT-J)
+    n_blocks: int = 2
+    eta_init: float = 1e-3    # initial step; training re-initialises it by a line search
+    log_lambda_init: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Normaliser(nn.Module):
+    """Running mean and variance of the input, merged batch by batch (Chan et al.)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("var", torch.ones(size))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        w = float(n / total)
+        m2 = self.var * float(self.count / total) + batch_var * w + delta.pow(2) * w * float(self.count / total)
+        self.mean.add_(delta * w)
+        self.var.copy_(m2)
+        self.count.fill_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = self.var.sqrt()
+        # constant inputs (std 0) pass through centred instead of blowing up
+        std = torch.where(std > 1e-12 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
+        return (x - self.mean) / std
+
+
+class Block(nn.Module):
+    """x = relu(y U V + c) * scale_m + shift_m + y; the identity at init (V = 0)."""
+
+    def __init__(self, size: int, rank: int, n_modules: int):
+        super().__init__()
+        self.U = nn.Parameter(torch.randn(size, rank) / math.sqrt(size))
+        self.V = nn.Parameter(torch.zeros(rank, size))
+        self.c = nn.Parameter(torch.zeros(size))
+        self.scale = nn.Parameter(torch.ones(n_modules, size))
+        self.shift = nn.Parameter(torch.zeros(n_modules, size))
+
+    def forward(self, y: torch.Tensor, index: int) -> torch.Tensor:
+        return torch.relu(y @ self.U @ self.V + self.c) * self.scale[index] + self.shift[index] + y
+
+
+class ShapeNet(nn.Module):
+    """The network shared by all edited modules of one weight shape (a, b)."""
+
+    def __init__(self, a: int, b: int, n_modules: int, config: HyperConfig):
+        super().__init__()
+        self.a, self.b = a, b
+        self.normaliser = Normaliser(a + b)
+        self.blocks = nn.ModuleList(Block(a + b, min(config.rank, a + b), n_modules) for _ in range(config.n_blocks))
+
+    def forward(self, keys: torch.Tensor, grads: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.normaliser(torch.cat([keys.float(), grads.float()], -1))
+        for block in self.blocks:
+            y = block(y, index)
+        return y[..., : self.a], y[..., self.a :]
+
+
+class HyperNetwork(nn.Module):
+    """All shape networks plus per-module log-step and log-lambda.
+
+    ``shapes[name] = (a, b)`` fixes, in order, the edited modules this network serves.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], config: HyperConfig | None = None):
+        super().__init__()
+        self.config = config or HyperConfig()
+        self.module_names: list[str] = list(shapes)
+        self.shapes = dict(shapes)
+        self.index: dict[str, tuple[str, int]] = {}
+        counts: dict[str, int] = {}
+        for name, (a, b) in shapes.items():
+            key = f"{a}x{b}"
+            self.index[name] = (key, counts.get(key, 0))
+            counts[key] = counts.get(key, 0) + 1
+        self.nets = nn.ModuleDict({key: ShapeNet(*map(int, key.split("x")), n, self.config) for key, n in counts.items()})
+        n = len(self.module_names)
+        self.log_eta = nn.Parameter(torch.full((n,), math.log(self.config.eta_init)))
+        self.log_lambda = nn.Parameter(torch.full((n,), self.config.log_lambda_init))
+
+    def position(self, name: str) -> int:
+        return self.module_names.index(name)
+
+    def eta(self, name: str) -> torch.Tensor:
+        return self.log_eta[self.position(name)].exp()
+
+    def lam(self, name: str) -> torch.Tensor:
+        return self.log_lambda[self.position(name)].exp()
+
+    def normaliser(self, name: str) -> Normaliser:
+        return self.nets[self.index[name][0]].normaliser
+
+    def forward(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo keys and pseudo value-gradients for the answer tokens of module ``name``."""
+        key, index = self.index[name]
+        return self.nets[key](keys, grads, index)
+
+    def scalar_parameters(self) -> list[nn.Parameter]:
+        return [self.log_eta, self.log_lambda]
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        return list(self.nets.parameters())
+
+
+def shapes_of(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    from . import linear
+
+    return {name: linear.dims(model.get_submodule(name)) for name in names}

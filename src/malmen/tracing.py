@@ -1,0 +1,63 @@
+"""Record keys (inputs) and value-gradients (output gradients) of chosen linear layers.
+
+    with KeyGradTrace(model, ["model.layers.29.mlp.down_proj"], batch.mask) as trace:
+        loss = loss_fn(model(...))
+        loss.backward()
+    keys, grads = trace.keys[name], trace.grads[name]   # (n_selected_positions x a), (... x b)
+
+The LM's parameters stay frozen: each traced layer's output is made a leaf that requires grad
+when nothing below it does, so backprop computes no weight gradient and stops at the lowest
+traced layer.  Nothing method-specific lives here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class KeyGradTrace:
+    """Context manager hooking named layers; keeps inputs and output-gradients at ``mask``.
+
+    ``mask`` is a boolean (batch x seq) tensor selecting the positions to record, or None for all.
+    ``keep_keys=False`` skips storing keys (and ``keep_grads=False`` skips the backward hook).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], mask: torch.Tensor | None,
+                 keep_keys: bool = True, keep_grads: bool = True):
+        self.model, self.names, self.mask = model, list(names), mask
+        self.keep_keys, self.keep_grads = keep_keys, keep_grads
+        self.keys: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _select(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self.keep_keys:
+                self.keys[name] = self._select(inputs[0]).detach()
+            if not self.keep_grads or not torch.is_grad_enabled():
+                return None
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+
+            def store(grad):
+                self.grads[name] = self._select(grad).detach()
+
+            output.register_hook(store)
+            return output
+        return hook
+
+    def __enter__(self) -> "KeyGradTrace":
+        for name in self.names:
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

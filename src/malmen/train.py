@@ -1,0 +1,247 @@
+"""Meta-training the hyper-network (DESIGN.md section 3), with separated backprop.
+
+One step on n facts:
+  1. trace keys k_j and value-gradients g_j of the edit prompts (LM frozen, no weight grads);
+     update the input normaliser;
+  2. hyper-network (no grad) -> d_j -> sufficient statistics -> S* per module;
+  3. apply S*; L_meta = L_gen (rephrases) + c_loc * KL(p_before || p_after) (locality); backprop
+     through the LM in micro-batches, keeping only G = dL/dS = sum_t k_t g_t^T per module; revert;
+  4. backprop through the solve (M = (A + lambda I)^-1 G), then through the hyper-network chunk by
+     chunk; clip; Adam.
+The LM never holds the hyper-network's graph and vice versa, so their batch sizes are independent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import io
+from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, trace
+from .evaluate import evaluate
+from .facts import Fact
+from .models import Batch
+from .tracing import KeyGradTrace
+
+
+@dataclass
+class TrainConfig:
+    n_edits: int = 64            # facts edited at once per step
+    steps: int = 1000
+    lr: float = 1e-4             # Adam, hyper-network weights
+    scalar_lr: float = 1e-2      # Adam, log-step and log-lambda
+    c_loc: float = 1.0
+    clip: float = 1.0
+    val_every: int = 50
+    val_n: int = 128             # validation facts edited at once
+    seed: int = 0
+    max_minutes: float | None = None   # stop (and keep the best checkpoint) after this long
+    calibrate_eta: bool = True   # line search for the initial step on the first batch
+
+
+def _per_fact_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    counts = mask.sum(1)
+    weights = (1.0 / counts.clamp_min(1)).repeat_interleave(counts)
+    return (token_values * weights).sum()
+
+
+class Trainer:
+    """Meta-trains ``editor.hypernet`` on training facts; keeps ``last`` and ``best`` checkpoints."""
+
+    def __init__(self, editor: MalmenEditor, train: Sequence[Fact], val: Sequence[Fact],
+                 config: TrainConfig, out_dir: str | Path, log: Callable[[str], None] = print):
+        self.editor, self.config, self.log = editor, config, log
+        self.train = [f for f in train if f.rephrases and f.has_locality]
+        self.val = [f for f in val if f.rephrases and f.has_locality][: config.val_n]
+        if len(self.train) < config.n_edits:
+            raise ValueError(f"need at least {config.n_edits} training facts with rephrases and locality, got {len(self.train)}")
+        self.out = Path(out_dir)
+        hn = editor.hypernet
+        self.optimizer = torch.optim.Adam([
+            {"params": hn.network_parameters(), "lr": config.lr},
+            {"params": hn.scalar_parameters(), "lr": config.scalar_lr},
+        ])
+        self.step_index = 0
+        self.best = -math.inf
+        self.history: list[dict] = []
+
+    # --- data order: a function of (seed, step) only, so a resumed run sees the same facts
+    def step_facts(self, step: int) -> list[Fact]:
+        n, total = self.config.n_edits, len(self.train)
+        per_epoch = total // n
+        epoch, pos = divmod(step, per_epoch)
+        order = list(range(total))
+        random.Random(f"{self.config.seed}:{epoch}").shuffle(order)
+        return [self.train[i] for i in order[pos * n:(pos + 1) * n]]
+
+    def rephrase(self, fact: Fact, step: int) -> str:
+        return random.Random(f"{self.config.seed}:{step}:{fact.prompt}").choice(fact.rephrases)
+
+    # --- one meta-training step
+    def meta_step(self, facts: list[Fact], step: int) -> dict:
+        """Meta-gradients on ``facts``, then a clipped Adam step."""
+        stats = self.meta_gradients(facts, step)
+        stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.editor.hypernet.parameters(), self.config.clip))
+        self.optimizer.step()
+        return stats
+
+    def meta_gradients(self, facts: list[Fact], step: int) -> dict:
+        """Fill ``.grad`` of the hyper-network with dL_meta/dtheta for one batch of facts."""
+        ed, hn, cfg = self.editor, self.editor.hypernet, self.config
+        modules, adapter = ed.modules, ed.adapter
+        lm_bs = ed.config.lm_batch_size
+
+        # 1. cache keys and value-gradients of the edit prompts; update the normaliser
+        cache = {name: ([], []) for name in modules}
+        for batch in ed.batches(facts):
+            keys, grads = trace(adapter, modules, batch)
+            for name in modules:
+                cache[name][0].append(keys[name])
+                cache[name][1].append(grads[name])
+        cache = {name: (torch.cat(k), torch.cat(g)) for name, (k, g) in cache.items()}
+        hn.train()
+        for name, (k, g) in cache.items():
+            hn.normaliser(name).update(torch.cat([k.float(), g.float()], -1))
+        if step == 0 and cfg.calibrate_eta and self.step_index == 0:
+            self.calibrate(facts, cache)
+
+        # 2. shifts, without grad
+        aggregators = ed.new_aggregators()
+        ed.accumulate(aggregators, {n: c[0] for n, c in cache.items()}, {n: c[1] for n, c in cache.items()})
+        shifts = ed.solve(aggregators)
+
+        # 3. meta loss with the shift applied; keep only G = dL/dS
+        pairs = [(self.rephrase(f, step), f.target) for f in facts]
+        gen_batches = [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
+        pairs = [(f.locality_prompt, f.locality_answer) for f in facts]
+        loc_batches = [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
+        with torch.no_grad():
+            before = [torch.log_softmax(adapter.answer_logits(b), -1) for b in loc_batches]
+        G = {name: torch.zeros_like(shifts[name]) for name in modules}
+        n = len(facts)
+        gen_loss = loc_loss = 0.0
+        with EditHandle(adapter.model, shifts):
+            for kind, batches in (("gen", gen_batches), ("loc", loc_batches)):
+                for i, batch in enumerate(batches):
+                    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, batch.attention_mask.bool()) as t:
+                        logits = adapter.answer_logits(batch)
+                        if kind == "gen":
+                            loss = finetune_loss(logits, batch) / n
+                            gen_loss += float(loss.detach())
+                        else:
+                            logp = torch.log_softmax(logits, -1)
+                            kl = (before[i].exp() * (before[i] - logp)).sum(-1)
+                            fact_kl = _per_fact_mean(kl, batch.mask) / n
+                            loss = cfg.c_loc * fact_kl
+                            loc_loss += float(fact_kl.detach())
+                        loss.backward()
+                    for name in modules:
+                        G[name] += t.keys[name].float().t() @ t.grads[name].float()
+
+        # 4. backprop through the solve and the hyper-network, chunk by chunk
+        self.optimizer.zero_grad(set_to_none=True)
+        for name in modules:
+            agg = aggregators[name]
+            dlam = agg.backward(G[name])
+            (hn.lam(name) * dlam.detach()).backward()
+            k, g = cache[name]
+            for s in chunks(k.shape[0], ed.config.hyper_batch_size):
+                pk, pg = hn(name, k[s], g[s])
+                agg.surrogate(k[s], pk, pg, hn.eta(name)).backward()
+        hn.eval()
+        return {"gen_loss": gen_loss, "loc_loss": loc_loss}
+
+    @torch.no_grad()
+    def calibrate(self, facts: list[Fact], cache: dict) -> None:
+        """Initial step size: the eta (shared by all modules) that most lowers the edit loss of the
+        first batch with the untrained (identity) hyper-network.  Learned from there on."""
+        ed, hn = self.editor, self.editor.hypernet
+        batches = list(ed.batches(facts))
+
+        def edit_loss() -> float:
+            return sum(float(finetune_loss(ed.adapter.answer_logits(b), b)) for b in batches) / len(facts)
+
+        base = edit_loss()
+        best = (base, float(hn.log_eta[0]))
+        for log_eta in [math.log(10.0 ** e) for e in range(-8, 3)]:
+            hn.log_eta.fill_(log_eta)
+            aggregators = ed.new_aggregators()
+            ed.accumulate(aggregators, {n: c[0] for n, c in cache.items()}, {n: c[1] for n, c in cache.items()})
+            with EditHandle(ed.adapter.model, ed.solve(aggregators)):
+                loss = edit_loss()
+            if math.isfinite(loss) and loss < best[0]:
+                best = (loss, log_eta)
+        hn.log_eta.fill_(best[1])
+        self.log(f"calibrated eta = {math.exp(best[1]):.3g} (edit loss {base:.3f} -> {best[0]:.3f})")
+
+    # --- validation and checkpoints
+    def validate(self) -> dict:
+        result = evaluate(self.editor, self.val, n_edits=len(self.val), generate=False)
+        result["score"] = (result["ES"] + result["GS"] + result["LS"]) / 3
+        return result
+
+    def save(self, name: str, with_optimizer: bool) -> None:
+        state = {"step": self.step_index, "best": self.best, "train_config": asdict(self.config),
+                 "history": self.history[-200:]}
+        files = {}
+        if with_optimizer:
+            tensors = {}
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for i, p in enumerate(params):
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    tensors[f"{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            files["optimizer.safetensors"] = tensors
+        self.editor.save_pretrained(self.out / name, extra={"trainer": state}, tensor_files=files)
+
+    def resume(self) -> bool:
+        """Continue from ``out/last`` if it exists. Returns whether it did."""
+        last = self.out / "last"
+        if not (last / "editor.json").is_file():
+            return False
+        meta = MalmenEditor.read_config(last)
+        self.editor.hypernet.load_state_dict(io.load_tensors(last / "editor.safetensors"))
+        state = meta["trainer"]
+        self.step_index, self.best, self.history = state["step"], state["best"], state["history"]
+        opt = last / "optimizer.safetensors"
+        if opt.is_file():
+            tensors = io.load_tensors(opt)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for i, p in enumerate(params):
+                entry = {key.split(".", 1)[1]: v for key, v in tensors.items() if key.split(".", 1)[0] == str(i)}
+                if entry:
+                    self.optimizer.state[p] = entry
+        self.log(f"resumed from {last} at step {self.step_index}")
+        return True
+
+    def fit(self, progress: Callable[[int, dict], None] | None = None) -> dict:
+        cfg = self.config
+        start = time.perf_counter()
+        while self.step_index < cfg.steps:
+            t0 = time.perf_counter()
+            stats = self.meta_step(self.step_facts(self.step_index), self.step_index)
+            self.step_index += 1
+            stats.update(step=self.step_index, seconds=time.perf_counter() - t0)
+            out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
+            if self.step_index % cfg.val_every == 0 or self.step_index == cfg.steps or out_of_time:
+                val = self.validate()
+                stats.update({f"val_{k}": val[k] for k in ("ES", "GS", "LS", "score")})
+                if val["score"] > self.best:
+                    self.best = val["score"]
+                    self.save("best", with_optimizer=False)
+                self.history.append(stats)
+                self.save("last", with_optimizer=True)
+            else:
+                self.history.append(stats)
+            if progress:
+                progress(self.step_index, stats)
+            if out_of_time:
+                self.log(f"stopping after {cfg.max_minutes} minutes at step {self.step_index}")
+                break
+        return {"steps": self.step_index, "best_score": self.best, "history": self.history}

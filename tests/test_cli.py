@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from malmen.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model, tok = tiny.llama(layers=3, hidden=32, inter=128), tiny.tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "train.jsonl", "w") as f:
+        for fact in tiny.facts(80, seed=5):
+            f.write(json.dumps({"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
+                                "locality_prompt": fact.locality_prompt, "locality_answer": fact.locality_answer}) + "\n")
+    with open(root / "val.jsonl", "w") as f:
+        for fact in tiny.facts(16, seed=6):
+            f.write(json.dumps({"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
+                                "locality_prompt": fact.locality_prompt, "locality_answer": fact.locality_answer}) + "\n")
+    return root
+
+
+def test_train_edit_eval_end_to_end(workspace, capsys):
+    w = workspace
+    common = ["--model", str(w / "model")]
+    assert main(["train", *common, "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--out", str(w / "run"), "--rank", "8", "--n-edits", "8", "--steps", "6", "--val-every", "3",
+                 "--val-n", "8", "--lm-batch-size", "4"]) == 0
+    assert (w / "run" / "best" / "editor.json").is_file() and (w / "run" / "last" / "optimizer.safetensors").is_file()
+    log = [json.loads(l) for l in open(w / "run" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 7)) and "val_ES" in log[2]
+
+    out = w / "edited"
+    assert main(["edit", *common, "--editor", str(w / "run" / "best"), "--facts", str(w / "val.jsonl"),
+                 "--out", str(out), "--show", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "before:" in printed and "after:" in printed and "edited 16 facts at once" in printed
+    from transformers import AutoModelForCausalLM
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(w / "model")
+    differ = [n for n, p in edited.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert differ and all("mlp.down_proj" in n for n in differ)
+
+    results = w / "results.json"
+    assert main(["eval", *common, "--editor", str(w / "run" / "best"), "--data", str(w / "val.jsonl"),
+                 "--n-edits", "8", "--groups", "2", "--out", str(results)]) == 0
+    r = json.loads(results.read_text())
+    for key in ("ES", "GS", "LS", "ES_exact", "GS_gen", "LS_data"):
+        assert 0.0 <= r[key] <= 1.0 and 0.0 <= r["before"][key] <= 1.0
+    assert r["n_edits"] == 8 and r["n_facts"] == 16 and r["before"]["LS"] == 1.0
+
+
+def test_resume_continues_from_last(workspace):
+    w = workspace
+    args = ["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+            "--rank", "8", "--n-edits", "8", "--val-every", "2", "--val-n", "8", "--lm-batch-size", "4"]
+    assert main([*args, "--out", str(w / "full"), "--steps", "4"]) == 0
+    assert main([*args, "--out", str(w / "resumed"), "--steps", "2"]) == 0
+    assert main([*args, "--out", str(w / "resumed"), "--steps", "4"]) == 0
+    from safetensors.torch import load_file
+    a = load_file(w / "full" / "last" / "editor.safetensors")
+    b = load_file(w / "resumed" / "last" / "editor.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "malmen.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_is_one_line_exit_2(workspace, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c"}\n')
+    r = run_cli("edit", "--model", str(workspace / "model"), "--editor", "x", "--facts", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"malmen: error: {bad}: record 1: field 'target': missing"
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_editor_and_module_exit_2(workspace, tmp_path):
+    r = run_cli("eval", "--model", str(workspace / "model"), "--editor", str(tmp_path / "none"),
+                "--data", str(workspace / "val.jsonl"), "--n-edits", "4")
+    assert r.returncode == 2 and "no editor.json" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--no-split",
+                "--out", str(tmp_path / "run"), "--modules", "model.layers.0.mlp.nope", "--steps", "1")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

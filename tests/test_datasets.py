@@ -1,0 +1,92 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from malmen.datasets import load_facts
+from malmen.datasets.zsre import split_of
+from malmen.facts import Fact, FactError
+
+FIX = Path(__file__).parent / "fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_zsre_both_conventions():
+    mend = list(load_facts(FIX / "zsre_mend.json"))
+    assert mend[0] == Fact(prompt="What is the product made by UniFirst?", target="unmanned aircraft",
+                           rephrases=("What will be the product of UniFirst?",),
+                           locality_prompt="nq question: john goodman's character in the big lebowski",
+                           locality_answer="Walter Sobchak", subject="UniFirst", true_answer="uniform")
+    assert list(load_facts(FIX / "zsre_mend.json", target="true"))[0].target == "uniform"
+    easy = list(load_facts(FIX / "zsre_easyedit.json"))
+    assert easy[0].prompt == "What university did Watts Humphrey attend?"
+    assert easy[0].target == "University of Michigan"
+    assert easy[0].rephrases[0] == "What university did Watts Humphrey take part in?"
+    assert len(easy[0].rephrases) == 3  # headline rephrase + similar prompts
+    assert easy[0].uid == "0" and easy[0].true_answer == "Illinois Institute of Technology"
+
+
+def test_counterfact_and_user_facts():
+    cf = list(load_facts(FIX / "counterfact.json"))
+    assert cf[0].prompt == "BBC One, by" and cf[0].target == "Sega" and cf[0].locality_answer == "BBC"
+    rome = list(load_facts(FIX / "counterfact_rome.json", target="true"))
+    assert rome[0].prompt == "The mother tongue of Danielle Darrieux is" and rome[0].target == "French"
+    user = list(load_facts(FIX / "facts.jsonl"))
+    assert [f.target for f in user] == ["Sylvania City", "Wile E. Coyote"]
+    assert user[1].rephrases == () and not user[1].has_locality
+
+
+def test_split_is_fixed_and_disjoint():
+    facts = [Fact(prompt=f"p{i}", target="t", uid=str(i)) for i in range(100)]
+    val = [f for f in facts if split_of(f) == "val"]
+    assert [f.uid for f in val] == [str(i) for i in range(0, 100, 10)]
+    if (SHARED / "zsre" / "zsre_mend_eval_with_subject.json").is_file():
+        path = SHARED / "zsre" / "zsre_mend_eval_with_subject.json"
+        train = {f.uid for f in load_facts(path, split="train")}
+        val = [f for f in load_facts(path, split="val")]
+        assert val and all(int(f.uid) % 10 == 0 for f in val)
+        assert train and not train & {f.uid for f in val}
+
+
+BAD = [
+    ("truncated.json", '[{"prompt": "a", "target": "b"}', None, None, "invalid JSON"),
+    ("bad.jsonl", '{"prompt": "a", "target": "b"}\n{"prompt": "a" "target"}\n', 1, None, "invalid JSON"),
+    ("type.jsonl", '{"prompt": 3, "target": "b"}\n', 0, "prompt", "expected a string"),
+    ("missing.jsonl", '{"prompt": "a", "target": "b"}\n{"prompt": "a", "target": null, "x": 1}\n', 1, "target", "missing"),
+    ("empty_field.jsonl", '{"prompt": "  ", "target": "b"}\n', 0, "prompt", "empty"),
+    ("empty.jsonl", "\n\n", None, None, "no facts"),
+    ("notobj.jsonl", '["prompt", "target"]\n', 0, None, "JSON object"),
+    ("unknown.jsonl", '{"question": "a", "answer": "b"}\n', 0, None, "unknown fact format"),
+    ("rephrase.jsonl", '{"prompt": "a", "target": "b", "rephrases": ["x", 2]}\n', 0, "rephrases[1]", "non-empty string"),
+    ("loc.jsonl", '{"prompt": "a", "target": "b", "locality_prompt": "c"}\n', 0, "locality_answer", "missing"),
+    ("zsre.json", json.dumps([{"src": "a", "alt": "b", "answers": [], "rephrase": "c", "loc": "d", "loc_ans": "e"}]), 0, "answers", "empty list"),
+]
+
+
+@pytest.mark.parametrize("name,text,record,field,reason", BAD)
+def test_malformed_input_names_file_record_field(tmp_path, name, text, record, field, reason):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(FactError) as info:
+        list(load_facts(path))
+    err = info.value
+    assert err.source == str(path) and err.record == record and err.field == field
+    assert reason in str(err) and "\n" not in str(err)
+
+
+def test_non_utf8_and_missing_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9", "target": "b"}\n')
+    with pytest.raises(FactError, match="UTF-8"):
+        list(load_facts(path))
+    with pytest.raises(FactError, match="cannot open"):
+        list(load_facts(tmp_path / "nope.jsonl"))
+
+
+def test_jsonl_is_streamed(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"prompt": "a", "target": "b"}\n' * 3 + "not json\n")
+    stream = load_facts(path)
+    assert next(stream).prompt == "a"  # records before a bad line are served lazily
+    with pytest.raises(FactError):
+        list(stream)

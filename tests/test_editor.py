@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+import tiny
+from malmen import linear
+from malmen.editor import EditHandle, EditorConfig, MalmenEditor
+from malmen.hypernet import HyperConfig
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("aggregation", ["malmen", "sum"])
+def test_edit_then_revert_is_bitwise_exact(dtype, aggregation):
+    model, tok = tiny.llama(dtype=dtype), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(aggregation=aggregation, hyper=HyperConfig(rank=8, eta_init=1.0), lm_batch_size=3))
+    before = weights(model)
+    handle = editor.edit(tiny.facts(7))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(n.rsplit(".", 1)[0] in editor.modules for n in changed)
+    assert all(torch.isfinite(s).all() for s in handle.shifts.values())
+    handle.revert()
+    after = weights(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_shift_orientation_linear_and_conv1d():
+    """After an edit a layer outputs v + S^T k, whatever the weight layout."""
+    for model in (tiny.llama(), tiny.gpt2()):
+        from malmen.models import CausalLMAdapter
+
+        name = CausalLMAdapter(model, tiny.tokenizer()).default_modules(1)[0]
+        module = model.get_submodule(name)
+        a, b = linear.dims(module)
+        k = torch.randn(5, a)
+        v = module(k)
+        S = torch.randn(a, b)
+        with EditHandle(model, {name: S}):
+            assert torch.allclose(module(k), v + k @ S, atol=1e-5)
+        assert torch.allclose(module(k), v)
+
+
+def test_default_modules_per_architecture():
+    from malmen.models import CausalLMAdapter
+
+    llama = CausalLMAdapter(tiny.llama(layers=8), tiny.tokenizer())
+    assert llama.default_modules() == [f"model.layers.{i}.mlp.down_proj" for i in range(2, 8)]
+    gpt2 = CausalLMAdapter(tiny.gpt2(layers=3), tiny.tokenizer())
+    assert gpt2.default_modules() == [f"transformer.h.{i}.mlp.c_proj" for i in range(3)]
+
+
+def test_bad_module_names_are_refused():
+    from malmen.models import CausalLMAdapter
+
+    adapter = CausalLMAdapter(tiny.llama(), tiny.tokenizer())
+    with pytest.raises(ValueError, match="does not exist"):
+        adapter.check_modules(["model.layers.0.mlp.nope"])
+    with pytest.raises(ValueError, match="not a linear layer"):
+        adapter.check_modules(["model.layers.0.mlp"])
+
+
+def test_answer_tokens_are_labelled():
+    from malmen.models import CausalLMAdapter
+
+    tok = tiny.tokenizer()
+    adapter = CausalLMAdapter(tiny.llama(), tok)
+    batch = adapter.batch(["what is the capital of w1", "who wrote"], ["paris", "alpha beta gamma"])
+    ids = tok("alpha beta gamma", add_special_tokens=False)["input_ids"]
+    row = batch.targets[1]
+    assert row[row != -100].tolist() == ids
+    assert batch.mask.sum(1).tolist() == [1, 3]
+    # position t predicts token t+1
+    t = int(batch.mask[0].nonzero()[0])
+    assert int(batch.input_ids[0, t + 1]) == tok("paris", add_special_tokens=False)["input_ids"][0]
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model, tok = tiny.llama(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=0.5)))
+    with torch.no_grad():
+        for p in editor.hypernet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    editor.save_pretrained(tmp_path / "ed")
+    assert sorted(x.name for x in (tmp_path / "ed").iterdir()) == ["editor.json", "editor.safetensors"]
+    loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
+    facts = tiny.facts(5)
+    s1, s2 = editor.shifts(facts), loaded.shifts(facts)
+    assert all(torch.equal(s1[n], s2[n]) for n in s1)
+    other = tiny.llama(seed=1)
+    with pytest.raises(ValueError, match="another base model"):
+        MalmenEditor.from_pretrained(tmp_path / "ed", other, tok)
+
+
+def test_pickle_is_refused(tmp_path):
+    import pickle
+
+    model, tok = tiny.llama(), tiny.tokenizer()
+    MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8))).save_pretrained(tmp_path / "ed")
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "executed"), "w"))
+
+    (tmp_path / "ed" / "editor.safetensors").write_bytes(pickle.dumps({"x": Boom()}))
+    with pytest.raises(ValueError, match="safetensors"):
+        MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
+    assert not (tmp_path / "executed").exists()

@@ -1,0 +1,36 @@
+import torch
+
+from malmen.hypernet import HyperConfig, HyperNetwork, Normaliser
+
+
+def test_identity_at_init_and_shared_by_shape():
+    net = HyperNetwork({"a": (6, 4), "b": (6, 4), "c": (5, 3)}, HyperConfig(rank=3))
+    assert sorted(net.nets) == ["5x3", "6x4"]
+    assert net.index["b"] == ("6x4", 1)
+    k, g = torch.randn(7, 6), torch.randn(7, 4)
+    pk, pg = net("a", k, g)
+    # normaliser starts at mean 0, var 1: the whole network is the identity
+    assert torch.allclose(pk, k) and torch.allclose(pg, g)
+
+
+def test_normaliser_matches_full_statistics():
+    norm = Normaliser(3)
+    x = torch.randn(100, 3) * torch.tensor([1.0, 1e-4, 10.0]) + 5
+    for s in range(0, 100, 13):
+        norm.update(x[s:s + 13])
+    assert torch.allclose(norm.mean, x.mean(0), rtol=1e-5)
+    assert torch.allclose(norm.var, x.var(0, unbiased=False), rtol=1e-4)
+    y = norm(x)
+    assert torch.allclose(y.mean(0), torch.zeros(3), atol=2e-3)  # fp32 data resolution
+    assert torch.allclose(y.std(0, unbiased=False), torch.ones(3), atol=1e-3)
+
+
+def test_editing_does_not_touch_the_normaliser():
+    import tiny
+    from malmen.editor import EditorConfig, MalmenEditor
+
+    model, tok = tiny.llama(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=4)))
+    state = {k: v.clone() for k, v in editor.hypernet.state_dict().items()}
+    editor.edit(tiny.facts(4)).revert()
+    assert all(torch.equal(v, editor.hypernet.state_dict()[k]) for k, v in state.items())

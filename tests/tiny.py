@@ -1,0 +1,61 @@
+"""Tiny in-process models and tokenizers for tests: no downloads, seconds to build."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from malmen.facts import Fact
+from malmen.models import prepare
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega red green blue black white paris rome oslo lima cairo tokyo what is the "
+         "capital of who wrote which city country river born in plays for speaks language team nq question "
+         "a an and or by").split()
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    for i in range(200):
+        vocab.setdefault(f"w{i}", len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
+
+
+def llama(layers: int = 4, hidden: int = 32, inter: int = 64, seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer()), hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=2)
+    return prepare(LlamaForCausalLM(config).to(dtype))
+
+
+def gpt2(layers: int = 3, hidden: int = 32, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer()), n_embd=hidden, n_layer=layers, n_head=4, n_positions=64)
+    return prepare(GPT2LMHeadModel(config))
+
+
+def facts(n: int, seed: int = 0) -> list[Fact]:
+    """Synthetic facts: subject words w0..w199 mapped to random answers, with a rephrase template."""
+    rng = random.Random(seed)
+    answers = WORDS[:30]
+    out = []
+    for i in range(n):
+        subject = f"w{rng.randrange(200)}"
+        target = " ".join(rng.sample(answers, 2))
+        out.append(Fact(prompt=f"what is the capital of {subject}", target=target,
+                        rephrases=(f"which city is capital of {subject}",),
+                        locality_prompt=f"nq question who wrote w{rng.randrange(200)}",
+                        locality_answer=rng.choice(answers), uid=str(i)))
+    return out
