@@ -28,13 +28,13 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
 
 
-def llama(layers: int = 4, hidden: int = 32, inter: int = 64, seed: int = 0, dtype=torch.float32):
+def llama(layers: int = 4, hidden: int = 32, inter: int = 64, seed: int = 0, dtype=torch.float32, init: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer()), hidden_size=hidden, intermediate_size=inter,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=2)
+                         max_position_embeddings=64, initializer_range=init, pad_token_id=0, bos_token_id=2, eos_token_id=2)
     return prepare(LlamaForCausalLM(config).to(dtype))
 
 

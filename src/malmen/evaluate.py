@@ -8,6 +8,7 @@ Per fact, averaged over facts (DESIGN.md section 5):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -18,18 +19,23 @@ import torch
 from .editor import MalmenEditor, micro_batches
 from .facts import Fact
 from .models import CausalLMAdapter
+from .replay import TrunkCache
 
 METRICS = ("ES", "GS", "LS", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data")
 
 
 @torch.no_grad()
 def predictions(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Sequence[str],
-                batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per pair: (argmax predictions, target ids) at the answer positions, teacher-forced."""
+                batch_size: int = 32, trunk: TrunkCache | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pair: (argmax predictions, target ids) at the answer positions, teacher-forced.
+
+    With ``trunk``, the blocks below the edited layers are recorded (unedited pass) or replayed.
+    """
     out = []
     for group in micro_batches(list(zip(prompts, answers)), batch_size):
         batch = adapter.batch([p for p, _ in group], [a for _, a in group])
-        pred = adapter.answer_logits(batch).argmax(-1).cpu()
+        with trunk.step() if trunk is not None else contextlib.nullcontext():
+            pred = adapter.answer_logits(batch).argmax(-1).cpu()
         targets = batch.targets[batch.mask].cpu()
         counts = batch.mask.sum(1).tolist()
         out.extend(zip(pred.split(counts), targets.split(counts)))
@@ -60,14 +66,15 @@ def greedy_starts_with(adapter: CausalLMAdapter, prompts: Sequence[str], answers
 
 
 def snapshot(adapter: CausalLMAdapter, facts: Sequence[Fact], generate: bool,
-             reference: list | None = None, batch_size: int = 32) -> tuple[dict, list]:
+             reference: list | None = None, batch_size: int = 32,
+             trunk: TrunkCache | None = None) -> tuple[dict, list]:
     """Per-fact metric lists for the model as it is now; also returns the locality argmaxes."""
     targets = [f.target for f in facts]
-    es = predictions(adapter, [f.prompt for f in facts], targets, batch_size)
+    es = predictions(adapter, [f.prompt for f in facts], targets, batch_size, trunk)
     gs_facts = [f for f in facts if f.rephrases]
-    gs = predictions(adapter, [f.rephrases[0] for f in gs_facts], [f.target for f in gs_facts], batch_size)
+    gs = predictions(adapter, [f.rephrases[0] for f in gs_facts], [f.target for f in gs_facts], batch_size, trunk)
     loc_facts = [f for f in facts if f.has_locality]
-    loc = predictions(adapter, [f.locality_prompt for f in loc_facts], [f.locality_answer for f in loc_facts], batch_size)
+    loc = predictions(adapter, [f.locality_prompt for f in loc_facts], [f.locality_answer for f in loc_facts], batch_size, trunk)
     m = {
         "ES": [float((p == t).float().mean()) for p, t in es],
         "ES_exact": [float((p == t).all()) for p, t in es],
@@ -108,14 +115,17 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
     for i, group in enumerate(groups):
         if progress:
             progress(f"group {i + 1}/{len(groups)}: unedited")
-        m0, reference = snapshot(editor.adapter, group, generate, None, bs)
+        # the blocks below the edited layers are run once, before the edit, and replayed after it
+        trunk = editor.adapter.trunk(editor.modules)
+        m0, reference = snapshot(editor.adapter, group, generate, None, bs, trunk)
+        trunk.rewind()
         start = time.perf_counter()
         handle = editor.edit(group)
         edit_seconds.append(time.perf_counter() - start)
         try:
             if progress:
                 progress(f"group {i + 1}/{len(groups)}: edited {len(group)} facts in {edit_seconds[-1]:.1f}s")
-            m1, _ = snapshot(editor.adapter, group, generate, reference, bs)
+            m1, _ = snapshot(editor.adapter, group, generate, reference, bs, trunk)
         finally:
             handle.revert()
         for key in m0:

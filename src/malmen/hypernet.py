@@ -59,7 +59,12 @@ class Normaliser(nn.Module):
 
 
 class Block(nn.Module):
-    """x = relu(y U V + c) * scale_m + shift_m + y; the identity at init (V = 0)."""
+    """x = relu(y U V + c) * scale_m + shift_m + y; the identity at init (V = 0).
+
+    The ReLU is written as clamp(min=0), whose gradient at exactly 0 is 1: at init every
+    pre-activation is 0, and torch.relu's zero gradient there would leave U, V, c and scale
+    without any gradient forever.
+    """
 
     def __init__(self, size: int, rank: int, n_modules: int):
         super().__init__()
@@ -70,7 +75,7 @@ class Block(nn.Module):
         self.shift = nn.Parameter(torch.zeros(n_modules, size))
 
     def forward(self, y: torch.Tensor, index: int) -> torch.Tensor:
-        return torch.relu(y @ self.U @ self.V + self.c) * self.scale[index] + self.shift[index] + y
+        return (y @ self.U @ self.V + self.c).clamp(min=0) * self.scale[index] + self.shift[index] + y
 
 
 class ShapeNet(nn.Module):

@@ -166,6 +166,25 @@ class CausalLMAdapter:
         n_last = min(n_last, len(blocks))
         return [self.mlp_output(blocks[i], f"{prefix}.{i}") for i in range(len(blocks) - n_last, len(blocks))]
 
+    def lowest_block(self, names: Sequence[str]) -> int:
+        """Index of the lowest block holding one of ``names`` (blocks below it are unchanged by
+        edits); 0 when a module lies outside the blocks."""
+        prefix, blocks = self.blocks()
+        indices = []
+        for name in names:
+            rest = name[len(prefix) + 1:] if name.startswith(prefix + ".") else ""
+            head = rest.split(".", 1)[0]
+            if not head.isdigit():
+                return 0
+            indices.append(int(head))
+        return min(indices, default=0)
+
+    def trunk(self, names: Sequence[str]):
+        """A TrunkCache for the blocks below the lowest of ``names``."""
+        from .replay import TrunkCache
+
+        return TrunkCache(self.blocks()[1], self.lowest_block(names))
+
     def check_modules(self, names: Sequence[str]) -> list[str]:
         """Validate module names: they must exist and be linear layers."""
         out = []
@@ -233,6 +252,6 @@ class CausalLMAdapter:
         The output head runs only where it is needed: it is a large share of a small LM's cost.
         """
         base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
         return head(hidden[batch.mask]).float()

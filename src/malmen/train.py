@@ -12,6 +12,7 @@ The LM never holds the hyper-network's graph and vice versa, so their batch size
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -122,15 +123,21 @@ class Trainer:
         gen_batches = [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
         pairs = [(f.locality_prompt, f.locality_answer) for f in facts]
         loc_batches = [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
+        trunk = adapter.trunk(modules)  # locality prompts: the blocks below the edits run once
+        before = []
         with torch.no_grad():
-            before = [torch.log_softmax(adapter.answer_logits(b), -1) for b in loc_batches]
+            for b in loc_batches:
+                with trunk.step():
+                    before.append(torch.log_softmax(adapter.answer_logits(b), -1))
+        trunk.rewind()
         G = {name: torch.zeros_like(shifts[name]) for name in modules}
         n = len(facts)
         gen_loss = loc_loss = 0.0
         with EditHandle(adapter.model, shifts):
             for kind, batches in (("gen", gen_batches), ("loc", loc_batches)):
                 for i, batch in enumerate(batches):
-                    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, batch.attention_mask.bool()) as t:
+                    replayed = trunk.step() if kind == "loc" else contextlib.nullcontext()
+                    with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, batch.attention_mask.bool()) as t:
                         logits = adapter.answer_logits(batch)
                         if kind == "gen":
                             loss = finetune_loss(logits, batch) / n
