@@ -91,6 +91,11 @@ def test_save_and_load_roundtrip(tmp_path):
     other = tiny.llama(seed=1)
     with pytest.raises(ValueError, match="another base model"):
         MalmenEditor.from_pretrained(tmp_path / "ed", other, tok)
+    # the same base model in bf16 is recognised
+    MalmenEditor.from_pretrained(tmp_path / "ed", tiny.llama(dtype=torch.bfloat16), tok)
+    # an editor for other modules (shapes) is refused
+    with pytest.raises(ValueError, match="shapes"):
+        MalmenEditor.from_pretrained(tmp_path / "ed", tiny.llama(inter=48), tok)
 
 
 def test_pickle_is_refused(tmp_path):

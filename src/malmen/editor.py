@@ -20,7 +20,7 @@ from torch import nn
 from . import io, linear
 from .facts import Fact
 from .hypernet import HyperConfig, HyperNetwork, shapes_of
-from .models import Batch, CausalLMAdapter, model_identity
+from .models import Batch, CausalLMAdapter, model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS
 from .tracing import KeyGradTrace
 
@@ -224,9 +224,9 @@ class MalmenEditor:
         shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
         if shapes_of(model, config.modules) != shapes:
             raise ValueError(f"{path}: editor was trained for modules of shapes {shapes}, not this model's")
-        identity = model_identity(model, config.modules)
         trained = meta.get("base_model", {})
-        if trained.get("edited_weights_sha256") not in (None, identity["edited_weights_sha256"]):
+        sample = trained.get("weight_sample")
+        if sample is not None and not same_weights(sample, weight_sample(model, config.modules)):
             message = f"{path}: editor was trained on another base model ({trained.get('name')!r})"
             if strict_base:
                 raise ValueError(message)

@@ -6,7 +6,6 @@ layers are edited by default.  Decisions come from the model's modules and confi
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -80,20 +79,32 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
-def model_identity(model: nn.Module, modules: Sequence[str]) -> dict:
-    """What an editor records about its base model: family, sizes and a fingerprint of the edited weights."""
-    config = model.config
-    digest = hashlib.sha256()
+def weight_sample(model: nn.Module, modules: Sequence[str], per_module: int = 32) -> dict[str, list[float]]:
+    """A few weights of each edited module at fixed positions: enough to tell base models apart,
+    compared with a tolerance so that the same model in bf16 or fp16 still matches."""
+    out = {}
     for name in modules:
-        w = model.get_submodule(name).weight.detach().float().flatten()
-        # A strided sample keeps this cheap for large layers while catching any other base model.
-        digest.update(w[:: max(1, w.numel() // 4096)].cpu().numpy().tobytes())
+        w = model.get_submodule(name).weight.detach().flatten()
+        idx = torch.linspace(0, w.numel() - 1, per_module).long()
+        out[name] = [float(x) for x in w[idx.to(w.device)].float().cpu()]
+    return out
+
+
+def same_weights(a: dict, b: dict, rtol: float = 2e-2, atol: float = 1e-3) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(torch.allclose(torch.tensor(a[k]), torch.tensor(b[k]), rtol=rtol, atol=atol) for k in a)
+
+
+def model_identity(model: nn.Module, modules: Sequence[str]) -> dict:
+    """What an editor records about its base model: family, sizes and a sample of the edited weights."""
+    config = model.config
     return {
         "name": str(getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "")),
         "model_type": config.model_type,
         "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
         "num_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
-        "edited_weights_sha256": digest.hexdigest(),
+        "weight_sample": weight_sample(model, modules),
     }
 
 
