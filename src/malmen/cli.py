@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -32,11 +33,12 @@ def _load(args):
     return load_model(args.model, dtype=dtype, device=args.device)
 
 
-def _facts(path: str, target: str, split: str | None = None, limit: int | None = None) -> list:
+def _facts(path: str, target: str, split: str | None = None, limit: int | None = None,
+           check_conflicts: bool = False) -> list:
     from .datasets import load_facts
 
     facts = []
-    for fact in load_facts(path, target=target, split=split):
+    for fact in load_facts(path, target=target, split=split, check_conflicts=check_conflicts):
         facts.append(fact)
         if limit is not None and len(facts) >= limit:
             break
@@ -85,6 +87,10 @@ def cmd_train(args) -> int:
     bar = tqdm(total=tc.steps, initial=trainer.step_index, desc="meta-training", unit="step", dynamic_ncols=True, disable=None)
     log_path = Path(args.out) / "train_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():  # after an interruption: drop the steps that will be redone
+        kept = [line for line in log_path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= trainer.step_index]
+        log_path.write_text("".join(line + "\n" for line in kept))
 
     def progress(step, stats):
         bar.update(1)
@@ -96,9 +102,14 @@ def cmd_train(args) -> int:
 
     result = trainer.fit(progress)
     bar.close()
-    times = [h["seconds"] for h in trainer.history]
+    import statistics
+
+    from .evaluate import peak_rss_mb
+
+    times = [h["seconds"] for h in trainer.history[1:]] or [h["seconds"] for h in trainer.history]
     print(f"done: {result['steps']} steps, best validation score {result['best_score']:.3f}, "
-          f"{sum(times) / max(1, len(times)):.2f} s per step; best editor in {Path(args.out) / 'best'}")
+          f"median {statistics.median(times) if times else float('nan'):.2f} s per step, peak RSS {peak_rss_mb():.0f} MB; "
+          f"best editor in {Path(args.out) / 'best'}")
     return 0
 
 
@@ -110,7 +121,7 @@ def cmd_edit(args) -> int:
     from .io import atomic_dir
 
     _torch_setup(args)
-    facts = _facts(args.facts, args.target)
+    facts = _facts(args.facts, args.target, check_conflicts=True)
     model, tok = _load(args)
     try:
         editor = MalmenEditor.from_pretrained(args.editor, model, tok)
@@ -246,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FactError, UsageError) as err:
         print(f"malmen: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
+        # user-facing input problems (bad module names, over-long answers, wrong editor, ...);
+        # MALMEN_DEBUG=1 shows the traceback instead
+        if os.environ.get("MALMEN_DEBUG"):
+            raise
         print(f"malmen: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

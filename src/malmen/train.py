@@ -26,7 +26,7 @@ from torch import nn
 
 from . import io
 from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, trace
-from .evaluate import evaluate
+from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
 from .models import Batch
 from .tracing import KeyGradTrace
@@ -234,7 +234,7 @@ class Trainer:
             t0 = time.perf_counter()
             stats = self.meta_step(self.step_facts(self.step_index), self.step_index)
             self.step_index += 1
-            stats.update(step=self.step_index, seconds=time.perf_counter() - t0)
+            stats.update(step=self.step_index, seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
             if self.step_index % cfg.val_every == 0 or self.step_index == cfg.steps or out_of_time:
                 val = self.validate()

@@ -32,11 +32,13 @@ def detect_format(record: Record) -> str:
 
 
 def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
-               split: str | None = None) -> Iterator[Fact]:
+               split: str | None = None, check_conflicts: bool = False) -> Iterator[Fact]:
     """Stream the facts of ``path``.
 
     ``target``: 'new' (counterfactual) or 'true' (the true answer).  ``fmt``: 'auto' or a key of
     FORMATS.  ``split``: None, 'train' or 'val' to keep one side of the fixed zsRE split.
+    ``check_conflicts``: refuse two records with the same prompt and different targets (exact
+    duplicates are allowed); costs a small hash table, one entry per distinct prompt.
     Raises FactError (file, record, field) on malformed input, including a file with no facts.
     """
     if target not in TARGETS:
@@ -49,8 +51,15 @@ def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
     if name not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     to_fact = FORMATS[name][1]
+    seen: dict[int, tuple[int, int]] = {}
     for record in itertools.chain([first], records):
         fact = to_fact(record, target)
+        if check_conflicts:
+            key, value = hash(fact.prompt), hash(fact.target)
+            earlier = seen.setdefault(key, (value, record.index))
+            if earlier[0] != value:
+                raise record.error(None, f"same prompt as record {earlier[1]} with a different target "
+                                         f"({fact.target!r}); edit one or the other")
         if split is None or zsre.split_of(fact) == split:
             yield fact
 

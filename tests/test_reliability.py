@@ -1,0 +1,120 @@
+"""Fault matrix of docs/RELIABILITY.md: interrupted runs, atomic writes, duplicate and conflicting
+facts, numerics.  Malformed-file rows live in test_datasets.py and test_cli.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from malmen.datasets import load_facts
+from malmen.editor import EditorConfig, MalmenEditor
+from malmen.facts import Fact, FactError
+from malmen.hypernet import HyperConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    model, tok = tiny.llama(layers=3, hidden=32, inter=128), tiny.tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "train.jsonl", "w") as f:
+        for fact in tiny.facts(64, seed=5):
+            f.write(json.dumps({"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
+                                "locality_prompt": fact.locality_prompt, "locality_answer": fact.locality_answer}) + "\n")
+    return root
+
+
+def train_cmd(root, out, steps):
+    return [sys.executable, "-m", "malmen.cli", "train", "--model", str(root / "model"), "--data", str(root / "train.jsonl"),
+            "--no-split", "--val-n", "8", "--out", str(out), "--rank", "8", "--n-edits", "8", "--steps", str(steps),
+            "--val-every", "2", "--lm-batch-size", "4"]
+
+
+def test_sigkill_during_training_then_resume_is_bitwise_identical(tiny_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, cut = tiny_dir / "full", tiny_dir / "cut"
+    subprocess.run(train_cmd(tiny_dir, full, 10), check=True, capture_output=True, env=env, timeout=600)
+    proc = subprocess.Popen(train_cmd(tiny_dir, cut, 10), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = cut / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_done = len(log.read_text().splitlines())
+    assert steps_done < 10, "the run finished before it could be killed"
+    subprocess.run(train_cmd(tiny_dir, cut, 10), check=True, capture_output=True, env=env, timeout=600)
+    from safetensors.torch import load_file
+    a, b = load_file(full / "last" / "editor.safetensors"), load_file(cut / "last" / "editor.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == list(range(1, 11))
+
+
+def test_sigkill_while_saving_leaves_old_or_nothing(tmp_path):
+    target = tmp_path / "edited"
+    code = textwrap.dedent(f"""
+        import os, signal
+        from malmen.io import atomic_dir
+        with atomic_dir({str(target)!r}) as tmp:
+            (tmp / "config.json").write_text("{{}}")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    r = subprocess.run([sys.executable, "-c", code])
+    assert r.returncode == -signal.SIGKILL
+    assert not target.exists()
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+    subprocess.run([sys.executable, "-c", code])
+    assert (target / "model.safetensors").read_text() == "old" and not (target / "config.json").exists()
+
+
+def test_conflicting_facts_are_refused_duplicates_allowed(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"prompt": "a b", "target": "x"}\n' * 3 + '{"prompt": "a b", "target": "y"}\n')
+    with pytest.raises(FactError, match="record 3: same prompt as record 0 with a different target"):
+        list(load_facts(path, check_conflicts=True))
+    assert len(list(load_facts(path))) == 4  # without the check (training data may repeat prompts)
+
+
+def test_thousand_copies_of_one_fact_edit_like_one():
+    model, tok = tiny.llama(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=0.1), lm_batch_size=250))
+    fact = tiny.facts(1)[0]
+    shifts = editor.shifts([fact] * 1000)
+    assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in shifts.values())
+
+
+def test_zero_gradients_give_a_zero_finite_shift():
+    model, tok = tiny.llama(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8)))
+    from malmen.solver import NormalEquation
+    agg = NormalEquation(4, 3)
+    agg.accumulate(torch.randn(5, 4), torch.randn(5, 4), torch.zeros(5, 3), torch.tensor(1.0))
+    assert torch.equal(agg.solve(1.0), torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_nan_in_shifts_for_fp32_and_bf16(dtype):
+    model, tok = tiny.llama(dtype=dtype), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0)))
+    shifts = editor.shifts(tiny.facts(3))  # n (tokens) far below the key size
+    assert all(torch.isfinite(s).all() for s in shifts.values())
+
+
+def test_torch_load_is_never_called_on_user_files():
+    src = Path(__file__).resolve().parents[1] / "src" / "malmen"
+    import re
+
+    unsafe = re.compile(r"torch\.load\(|pickle\.loads?\(|^\s*(import|from) (pickle|dill|joblib)", re.M)
+    offenders = [p for p in src.rglob("*.py") if unsafe.search(p.read_text())]
+    assert offenders == []
