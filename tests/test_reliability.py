@@ -118,3 +118,14 @@ def test_torch_load_is_never_called_on_user_files():
     unsafe = re.compile(r"torch\.load\(|pickle\.loads?\(|^\s*(import|from) (pickle|dill|joblib)", re.M)
     offenders = [p for p in src.rglob("*.py") if unsafe.search(p.read_text())]
     assert offenders == []
+
+
+def test_prompt_longer_than_context_is_truncated_from_the_left():
+    from malmen.models import CausalLMAdapter
+
+    adapter = CausalLMAdapter(tiny.llama(), tiny.tokenizer())  # context: 64 positions
+    batch = adapter.batch(["alpha " * 100 + "what is the capital of w1"], ["paris rome"])
+    assert batch.input_ids.shape[1] == 64 and int(batch.mask.sum()) == 2
+    assert batch.input_ids[0, -2:].tolist() == adapter.tokenizer("paris rome", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        adapter.batch(["what"], ["alpha " * 80])
