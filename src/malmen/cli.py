@@ -116,33 +116,41 @@ def cmd_train(args) -> int:
 # ---------------------------------------------------------------- edit
 
 def cmd_edit(args) -> int:
+    import itertools
+
+    from .datasets import load_facts
     from .editor import MalmenEditor
-    from .evaluate import greedy_starts_with
     from .io import atomic_dir
 
     _torch_setup(args)
-    facts = _facts(args.facts, args.target, check_conflicts=True)
+    shown = list(itertools.islice(load_facts(args.facts, target=args.target), args.show))
     model, tok = _load(args)
     try:
         editor = MalmenEditor.from_pretrained(args.editor, model, tok)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
-    shown = facts[: args.show]
     answers_before = _answers(editor, [f.prompt for f in shown])
-    bar = _progress(len(facts), "editing")
+    # the file is streamed: memory stays flat in the number of facts
+    bar, count = _progress(None, "editing"), [0]
+
+    def progress(n: int) -> None:
+        count[0] += n
+        bar.update(n)
+
     start = time.perf_counter()
-    editor.edit(facts, progress=bar.update)
+    handle = editor.edit(load_facts(args.facts, target=args.target, check_conflicts=True), progress=progress)
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds, n_facts = time.perf_counter() - start, count[0]
     answers_after = _answers(editor, [f.prompt for f in shown])
     for fact, a0, a1 in zip(shown, answers_before, answers_after):
         print(f"{fact.prompt}\n  target: {fact.target}\n  before: {a0}\n  after:  {a1}")
-    print(f"edited {len(facts)} facts at once in {seconds:.1f} s")
+    print(f"edited {n_facts} facts at once in {seconds:.1f} s ({n_facts / seconds:.1f} facts/s)")
     if args.out:
         with atomic_dir(args.out) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         print(f"saved the edited model to {args.out}")
+    del handle
     return 0
 
 
