@@ -13,17 +13,9 @@ from malmen.cli import main
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model, tok = tiny.llama(layers=3, hidden=32, inter=128), tiny.tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "train.jsonl", "w") as f:
-        for fact in tiny.facts(80, seed=5):
-            f.write(json.dumps({"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
-                                "locality_prompt": fact.locality_prompt, "locality_answer": fact.locality_answer}) + "\n")
-    with open(root / "val.jsonl", "w") as f:
-        for fact in tiny.facts(16, seed=6):
-            f.write(json.dumps({"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
-                                "locality_prompt": fact.locality_prompt, "locality_answer": fact.locality_answer}) + "\n")
+    tiny.write_model(root / "model")
+    tiny.write_facts(root / "train.jsonl", tiny.facts(80, seed=5))
+    tiny.write_facts(root / "val.jsonl", tiny.facts(16, seed=6))
     return root
 
 

@@ -112,3 +112,28 @@ def test_pickle_is_refused(tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
     assert not (tmp_path / "executed").exists()
+
+
+@pytest.mark.parametrize("build,expected", [
+    (tiny.gpt2, "transformer.h.{}.mlp.c_proj"),
+    (tiny.gptj, "transformer.h.{}.mlp.fc_out"),
+    (tiny.neox, "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
+])
+def test_decoder_families_trace_edit_and_revert(build, expected):
+    from malmen.editor import trace
+
+    model, tok = build(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0)))
+    assert editor.modules == [expected.format(i) for i in range(3)]
+    facts = tiny.facts(4)
+    batch = editor.adapter.batch([f.prompt for f in facts], [f.target for f in facts])
+    keys, grads = trace(editor.adapter, editor.modules, batch)
+    for name in editor.modules:
+        a, b = linear.dims(model.get_submodule(name))
+        assert keys[name].shape == (int(batch.mask.sum()), a) and grads[name].shape == (int(batch.mask.sum()), b)
+        assert grads[name].abs().sum() > 0
+    before = weights(model)
+    handle = editor.edit(facts)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    handle.revert()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

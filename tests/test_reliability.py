@@ -22,13 +22,8 @@ from malmen.hypernet import HyperConfig
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
-    model, tok = tiny.llama(layers=3, hidden=32, inter=128), tiny.tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "train.jsonl", "w") as f:
-        for fact in tiny.facts(64, seed=5):
-            f.write(json.dumps({"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
-                                "locality_prompt": fact.locality_prompt, "locality_answer": fact.locality_answer}) + "\n")
+    tiny.write_model(root / "model")
+    tiny.write_facts(root / "train.jsonl", tiny.facts(64, seed=5))
     return root
 
 

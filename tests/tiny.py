@@ -59,3 +59,39 @@ def facts(n: int, seed: int = 0) -> list[Fact]:
                         locality_prompt=f"nq question who wrote w{rng.randrange(200)}",
                         locality_answer=rng.choice(answers), uid=str(i)))
     return out
+
+
+def write_facts(path, facts_list) -> None:
+    """Write facts as a JSONL file of our own format."""
+    import json
+
+    with open(path, "w") as f:
+        for fact in facts_list:
+            f.write(json.dumps({"prompt": fact.prompt, "target": fact.target, "rephrases": list(fact.rephrases),
+                                "locality_prompt": fact.locality_prompt, "locality_answer": fact.locality_answer}) + "\n")
+
+
+def write_model(path) -> None:
+    """Save a tiny Llama and its tokenizer as a Hugging Face directory (``--model path``)."""
+    model, tok = llama(layers=3, hidden=32, inter=128), tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def gptj(layers: int = 3, hidden: int = 32, seed: int = 0):
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(seed)
+    n = len(tokenizer())
+    config = GPTJConfig(vocab_size=n, n_embd=hidden, n_layer=layers, n_head=4, rotary_dim=8, n_positions=64,
+                        bos_token_id=2, eos_token_id=2)
+    return prepare(GPTJForCausalLM(config))
+
+
+def neox(layers: int = 3, hidden: int = 32, seed: int = 0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                           intermediate_size=4 * hidden, max_position_embeddings=64, bos_token_id=2, eos_token_id=2)
+    return prepare(GPTNeoXForCausalLM(config))
