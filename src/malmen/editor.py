@@ -138,6 +138,7 @@ class MalmenEditor:
         if self.hypernet.shapes != shapes:
             raise ValueError(f"editor was built for modules {self.hypernet.shapes}, model has {shapes}")
         self.hypernet.to(self.adapter.device)
+        self.metadata: dict = {}  # extra editor.json entries (training history, provenance), kept on save
 
     @property
     def modules(self) -> list[str]:
@@ -192,8 +193,9 @@ class MalmenEditor:
             "config": self.config.to_dict(),
             "shapes": {k: list(v) for k, v in self.hypernet.shapes.items()},
             "base_model": model_identity(self.model, self.modules),
-            **(extra or {}),
         }
+        for key, value in {**self.metadata, **(extra or {})}.items():
+            meta.setdefault(key, value)  # never overrides the core entries above
         with io.atomic_dir(path) as tmp:
             io.save_tensors(tmp / "editor.safetensors", self.hypernet.state_dict())
             for filename, tensors in (tensor_files or {}).items():
@@ -234,4 +236,7 @@ class MalmenEditor:
             warnings.warn(message)
         hypernet = HyperNetwork(shapes, config.hyper)
         hypernet.load_state_dict(io.load_tensors(Path(path) / "editor.safetensors"))
-        return cls(model, tokenizer, config, hypernet, adapter)
+        editor = cls(model, tokenizer, config, hypernet, adapter)
+        core = {"format", "version", "config", "shapes", "base_model"}
+        editor.metadata = {k: v for k, v in meta.items() if k not in core}
+        return editor
