@@ -155,16 +155,7 @@ def cmd_edit(args) -> int:
 
 
 def _answers(editor, prompts, max_new_tokens: int = 8) -> list[str]:
-    import torch
-
-    tok, out = editor.adapter.tokenizer, []
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt")["input_ids"].to(editor.adapter.device)
-        with torch.no_grad():
-            gen = editor.adapter.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                                do_sample=False, pad_token_id=editor.adapter.pad_id)
-        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " "))
-    return out
+    return [editor.adapter.continuations([p], max_new_tokens)[0].strip().replace("\n", " ") for p in prompts]
 
 
 # ---------------------------------------------------------------- eval

@@ -62,7 +62,7 @@ def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def trace(adapter: CausalLMAdapter, modules: Sequence[str], batch: Batch) -> tuple[dict, dict]:
     """Keys and value-gradients at the answer tokens of one teacher-forced batch."""
-    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, batch.mask) as t:
+    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, adapter.key_masks(batch, modules)) as t:
         loss = finetune_loss(adapter.answer_logits(batch), batch)
         loss.backward()
     return t.keys, t.grads

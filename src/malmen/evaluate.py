@@ -42,26 +42,15 @@ def predictions(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Seque
     return out
 
 
-@torch.no_grad()
 def greedy_starts_with(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Sequence[str],
                        batch_size: int = 32) -> list[bool]:
     """Whether the greedy continuation of each prompt starts with its answer."""
-    tok, model = adapter.tokenizer, adapter.model
     results = []
     for group in micro_batches(list(zip(prompts, answers)), batch_size):
-        rows = [tok(p)["input_ids"][-adapter.max_length:] for p, _ in group]
-        n_new = max(len(adapter.encode(p, a)[0]) - adapter.encode(p, a)[1] for p, a in group) + 1
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), adapter.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):  # left padding for generation
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        out = model.generate(input_ids=ids.to(adapter.device), attention_mask=mask.to(adapter.device),
-                             max_new_tokens=n_new, do_sample=False, pad_token_id=adapter.pad_id)
-        for (p, a), row in zip(group, out[:, width:]):
-            text = tok.decode(row, skip_special_tokens=True)
-            results.append(text.strip().startswith(a.strip()))
+        # one token more than the longest answer needs, so a longer tokenisation still fits
+        n_new = max(len(ids) - start for ids, start in (adapter.encode(p, a) for p, a in group)) + 1
+        texts = adapter.continuations([p for p, _ in group], n_new)
+        results.extend(text.strip().startswith(a.strip()) for (_, a), text in zip(group, texts))
     return results
 
 

@@ -256,6 +256,15 @@ class CausalLMAdapter:
             targets[i, start - 1 : n - 1] = input_ids[i, start:n]
         return Batch(input_ids, attention, targets).to(self.device)
 
+    # --- where keys are read
+    def key_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
+        """Positions whose keys and value-gradients an edit uses: the answer tokens."""
+        return batch.mask
+
+    def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
+        """Every real token: the weight gradient of a layer sums over all of them."""
+        return batch.attention_mask.bool()
+
     # --- forward
     def answer_logits(self, batch: Batch) -> torch.Tensor:
         """Logits at the answer positions only, (n_answer_tokens x vocab), in fp32.
@@ -266,3 +275,17 @@ class CausalLMAdapter:
         hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
         return head(hidden[batch.mask]).float()
+
+    @torch.no_grad()
+    def continuations(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of a batch of prompts (left-padded for generation)."""
+        rows = [self.tokenizer(p)["input_ids"][-self.max_length:] for p in prompts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]

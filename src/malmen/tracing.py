@@ -20,11 +20,13 @@ from torch import nn
 class KeyGradTrace:
     """Context manager hooking named layers; keeps inputs and output-gradients at ``mask``.
 
-    ``mask`` is a boolean (batch x seq) tensor selecting the positions to record, or None for all.
+    ``mask`` is a boolean (batch x seq) tensor selecting the positions to record, a dict giving one
+    such mask per layer name (an encoder layer and a decoder layer see different sequences), or
+    None for all positions.
     ``keep_keys=False`` skips storing keys (and ``keep_grads=False`` skips the backward hook).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], mask: torch.Tensor | None,
+    def __init__(self, model: nn.Module, names: Sequence[str], mask: torch.Tensor | dict | None,
                  keep_keys: bool = True, keep_grads: bool = True):
         self.model, self.names, self.mask = model, list(names), mask
         self.keep_keys, self.keep_grads = keep_keys, keep_grads
@@ -32,20 +34,21 @@ class KeyGradTrace:
         self.grads: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
-    def _select(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]) if self.mask is None else x[self.mask]
+    def _select(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.get(name) if isinstance(self.mask, dict) else self.mask
+        return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if self.keep_keys:
-                self.keys[name] = self._select(inputs[0]).detach()
+                self.keys[name] = self._select(name, inputs[0]).detach()
             if not self.keep_grads or not torch.is_grad_enabled():
                 return None
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
 
             def store(grad):
-                self.grads[name] = self._select(grad).detach()
+                self.grads[name] = self._select(name, grad).detach()
 
             output.register_hook(store)
             return output

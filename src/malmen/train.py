@@ -137,7 +137,7 @@ class Trainer:
             for kind, batches in (("gen", gen_batches), ("loc", loc_batches)):
                 for i, batch in enumerate(batches):
                     replayed = trunk.step() if kind == "loc" else contextlib.nullcontext()
-                    with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, batch.attention_mask.bool()) as t:
+                    with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, adapter.context_masks(batch, modules)) as t:
                         logits = adapter.answer_logits(batch)
                         if kind == "gen":
                             loss = finetune_loss(logits, batch) / n
