@@ -82,3 +82,12 @@ def test_unknown_editor_and_module_exit_2(workspace, tmp_path):
     r = run_cli("train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--no-split",
                 "--out", str(tmp_path / "run"), "--modules", "model.layers.0.mlp.nope", "--steps", "1")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_fine_tuning_baseline(workspace):
+    w = workspace
+    out = w / "ft.json"
+    assert main(["eval", "--model", str(w / "model"), "--method", "ft-l", "--data", str(w / "val.jsonl"),
+                 "--n-edits", "8", "--ft-steps", "3", "--no-generate", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["method"] == "ft-l" and r["n_edits"] == 8 and 0.0 <= r["ES"] <= 1.0

@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
         val = train[-args.val_n:]
         train = train[:-args.val_n]
     model, tok = _load(args)
-    config = EditorConfig(modules=args.modules or [], aggregation=args.method,
+    config = EditorConfig(modules=args.modules or [], aggregation={"mend": "sum"}.get(args.method, args.method),
                           hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
                           lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size)
     try:
@@ -160,8 +160,34 @@ def _answers(editor, prompts, max_new_tokens: int = 8) -> list[str]:
 
 # ---------------------------------------------------------------- eval
 
-def cmd_eval(args) -> int:
+def _editor(args, model, tok):
+    """The editor an ``eval`` asks for: a trained MALMEN/MEND editor, or a fine-tuning baseline."""
+    from .baselines import FineTuneConfig, FineTuneEditor
     from .editor import MalmenEditor
+
+    if args.method in ("ft", "ft-l"):
+        linf = args.ft_linf if args.method == "ft-l" else None
+        config = FineTuneConfig(steps=args.ft_steps, lr=args.ft_lr, linf=linf)
+        if args.editor:  # edit the same layers as the trained editor
+            config.modules = MalmenEditor.read_config(_resolve(args.editor))["config"]["modules"]
+        return FineTuneEditor(model, tok, config)
+    if not args.editor:
+        raise UsageError(f"--method {args.method or 'malmen'} needs --editor (a trained editor directory or name)")
+    editor = MalmenEditor.from_pretrained(args.editor, model, tok)
+    wanted = {"malmen": "malmen", "mend": "sum", None: editor.config.aggregation}[args.method]
+    if wanted != editor.config.aggregation:
+        raise UsageError(f"{args.editor} was trained with {editor.config.aggregation!r} aggregation; "
+                         f"train one with --method {'sum' if wanted == 'sum' else 'malmen'} for --method {args.method}")
+    return editor
+
+
+def _resolve(name):
+    from .registry import resolve_editor
+
+    return resolve_editor(name)
+
+
+def cmd_eval(args) -> int:
     from .evaluate import evaluate, table
     from .io import write_json
 
@@ -170,15 +196,11 @@ def cmd_eval(args) -> int:
     if len(facts) < args.n_edits:
         print(f"note: only {len(facts)} facts available; editing all of them at once", file=sys.stderr)
     model, tok = _load(args)
-    try:
-        editor = MalmenEditor.from_pretrained(args.editor, model, tok)
-    except (ValueError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
-    if args.method:
-        editor.config.aggregation = args.method
+    editor = _editor(args, model, tok)
     result = evaluate(editor, facts, args.n_edits, generate=not args.no_generate,
                       progress=lambda m: print(m, file=sys.stderr))
-    result.update(editor=str(args.editor), data=str(args.data), target=args.target, split=args.split, model=args.model)
+    result.update(method=args.method or getattr(editor.config, "aggregation", None), editor=str(args.editor),
+                  data=str(args.data), target=args.target, split=args.split, model=args.model)
     print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--val-data", help="validation facts (default: the fixed zsRE validation split of the first --data file)")
     t.add_argument("--no-split", action="store_true", help="use all of --data for training (validation: --val-data or its last facts)")
     t.add_argument("--out", required=True, help="run directory: best/, last/ (resumed from if present), train_log.jsonl")
-    t.add_argument("--method", default="malmen", choices=["malmen", "sum"], help="aggregation: malmen (normal equation) or sum (MEND)")
+    t.add_argument("--method", default="malmen", choices=["malmen", "mend", "sum"],
+                   help="aggregation: malmen (normal equation) or mend (= sum, MEND's)")
     t.add_argument("--modules", nargs="+", help="edited linear layers (default: MLP output of the last 6 blocks)")
     t.add_argument("--rank", type=int, default=256)
     t.add_argument("--blocks", type=int, default=2)
@@ -235,12 +258,16 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="edit N facts at once and report ES/GS/LS, edited and unedited")
     common(v)
-    v.add_argument("--editor", required=True, help="editor directory or shipped editor name")
+    v.add_argument("--editor", help="editor directory or shipped editor name (for ft/ft-l: only names the layers)")
     v.add_argument("--data", required=True, help=DATA_HINT)
     v.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed zsRE split")
     v.add_argument("--n-edits", type=int, default=128, help="facts edited at once")
     v.add_argument("--groups", type=int, default=1, help="number of groups of n facts (each edited and reverted)")
-    v.add_argument("--method", choices=["malmen", "sum"], help="override the editor's aggregation")
+    v.add_argument("--method", choices=["malmen", "mend", "ft", "ft-l"],
+                   help="malmen/mend: the trained editor (its aggregation must match); ft/ft-l: fine-tuning baselines")
+    v.add_argument("--ft-steps", type=int, default=20, help="ft/ft-l: Adam steps on the facts")
+    v.add_argument("--ft-lr", type=float, default=1e-3)
+    v.add_argument("--ft-linf", type=float, default=5e-4, help="ft-l: bound on each weight change")
     v.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics")
     v.add_argument("--out", help="results JSON")
     v.set_defaults(func=cmd_eval)
