@@ -209,6 +209,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+
+def cmd_bench_quality(args) -> int:
+    from .bench import run_quality, write_outputs
+
+    _torch_setup(args)
+    datasets = {}
+    for spec in args.data:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise UsageError(f"--data {spec!r}: expected NAME=FILE")
+        datasets[name] = _facts(path, args.target, split=args.split)
+    model, tok = _load(args)
+    editors = {}
+    for spec in args.methods:
+        method, _, editor_dir = spec.partition("=")
+        sub = argparse.Namespace(method=method, editor=editor_dir or None, ft_steps=args.ft_steps, ft_lr=args.ft_lr,
+                                 ft_linf=args.ft_linf)
+        editors[method] = _editor(sub, model, tok)
+    rows = run_quality(editors, datasets, args.n, args.facts_per_point, generate=not args.no_generate,
+                       log=lambda m: print(m, file=sys.stderr))
+    write_outputs(rows, args.out, "malmen " + " ".join(sys.argv[1:]))
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def parser() -> argparse.ArgumentParser:
@@ -271,6 +297,23 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics")
     v.add_argument("--out", help="results JSON")
     v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (not tests): quality")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="ES/GS/LS of several editors against n, unedited beside edited")
+    common(q)
+    q.add_argument("--methods", nargs="+", required=True,
+                   help="METHOD=EDITOR for malmen/mend (e.g. malmen=smollm2-zsre), plain ft / ft-l for the baselines")
+    q.add_argument("--data", nargs="+", required=True, help="NAME=FILE pairs of held-out facts")
+    q.add_argument("--split", choices=["train", "val"], default="val")
+    q.add_argument("--n", nargs="+", type=int, default=[1, 16, 128, 1024, 4096, 16384])
+    q.add_argument("--facts-per-point", type=int, default=1024, help="groups per point: this many facts // n (at least 1)")
+    q.add_argument("--no-generate", action="store_true")
+    q.add_argument("--ft-steps", type=int, default=20)
+    q.add_argument("--ft-lr", type=float, default=1e-3)
+    q.add_argument("--ft-linf", type=float, default=5e-4)
+    q.add_argument("--out", required=True, help="directory for results.json/.csv/.md/.png")
+    q.set_defaults(func=cmd_bench_quality)
     return p
 
 
