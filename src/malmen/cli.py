@@ -192,14 +192,16 @@ def cmd_eval(args) -> int:
     from .io import write_json
 
     _torch_setup(args)
-    facts = _facts(args.data, args.target, split=args.split, limit=args.n_edits * args.groups)
+    facts = _facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups)[args.skip:]
+    if not facts:
+        raise UsageError(f"{args.data}: no facts left after skipping {args.skip}")
     if len(facts) < args.n_edits:
         print(f"note: only {len(facts)} facts available; editing all of them at once", file=sys.stderr)
     model, tok = _load(args)
     editor = _editor(args, model, tok)
     result = evaluate(editor, facts, args.n_edits, generate=not args.no_generate,
                       progress=lambda m: print(m, file=sys.stderr))
-    result.update(method=args.method or getattr(editor.config, "aggregation", None), editor=str(args.editor),
+    result.update(method=args.method or getattr(editor.config, "aggregation", None), editor=str(args.editor), skip=args.skip,
                   data=str(args.data), target=args.target, split=args.split, model=args.model)
     print(table(result))
     if args.out:
@@ -289,6 +291,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed zsRE split")
     v.add_argument("--n-edits", type=int, default=128, help="facts edited at once")
     v.add_argument("--groups", type=int, default=1, help="number of groups of n facts (each edited and reverted)")
+    v.add_argument("--skip", type=int, default=0,
+                   help="skip the first facts (e.g. 128: the validation facts malmen train selects its best checkpoint on)")
     v.add_argument("--method", choices=["malmen", "mend", "ft", "ft-l"],
                    help="malmen/mend: the trained editor (its aggregation must match); ft/ft-l: fine-tuning baselines")
     v.add_argument("--ft-steps", type=int, default=20, help="ft/ft-l: Adam steps on the facts")
