@@ -24,7 +24,7 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/malmen edit --editor smollm2-zsre --facts examples/facts.jsonl --show 4
-	$(VENV)/bin/malmen eval --editor smollm2-zsre --data $(ZSRE) --split val --n-edits $(N) --out results/demo.json
+	$(VENV)/bin/malmen eval --editor smollm2-zsre --data $(ZSRE) --split val --skip 128 --n-edits $(N) --out results/demo.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
