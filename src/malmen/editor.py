@@ -48,16 +48,20 @@ class EditorConfig:
 
 # ---------------------------------------------------------------- tracing facts
 
+def per_fact_sum(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over facts (rows of ``mask``) of the mean of each fact's values at its answer tokens."""
+    counts = mask.sum(1)
+    weights = (1.0 / counts.clamp_min(1)).repeat_interleave(counts)
+    return (token_values * weights).sum()
+
+
 def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over facts of each fact's mean cross-entropy on its answer tokens.
 
     Per-fact means make a fact's value-gradient independent of the batch it is traced in.
     """
-    targets = batch.targets[batch.mask]
-    token_loss = nn.functional.cross_entropy(logits, targets, reduction="none")
-    counts = batch.mask.sum(1)
-    weights = (1.0 / counts.clamp_min(1)).repeat_interleave(counts)
-    return (token_loss * weights).sum()
+    token_loss = nn.functional.cross_entropy(logits, batch.targets[batch.mask], reduction="none")
+    return per_fact_sum(token_loss, batch.mask)
 
 
 def trace(adapter: CausalLMAdapter, modules: Sequence[str], batch: Batch) -> tuple[dict, dict]:

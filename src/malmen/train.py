@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import io
-from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, trace
+from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, per_fact_sum, trace
 from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
 from .models import Batch
@@ -45,12 +45,6 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None   # stop (and keep the best checkpoint) after this long
     calibrate_eta: bool = True   # line search for the initial step on the first batch
-
-
-def _per_fact_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    counts = mask.sum(1)
-    weights = (1.0 / counts.clamp_min(1)).repeat_interleave(counts)
-    return (token_values * weights).sum()
 
 
 class Trainer:
@@ -107,7 +101,6 @@ class Trainer:
                 cache[name][0].append(keys[name])
                 cache[name][1].append(grads[name])
         cache = {name: (torch.cat(k), torch.cat(g)) for name, (k, g) in cache.items()}
-        hn.train()
         for name, (k, g) in cache.items():
             hn.normaliser(name).update(torch.cat([k.float(), g.float()], -1))
         if step == 0 and cfg.calibrate_eta and self.step_index == 0:
@@ -119,10 +112,11 @@ class Trainer:
         shifts = ed.solve(aggregators)
 
         # 3. meta loss with the shift applied; keep only G = dL/dS
-        pairs = [(self.rephrase(f, step), f.target) for f in facts]
-        gen_batches = [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
-        pairs = [(f.locality_prompt, f.locality_answer) for f in facts]
-        loc_batches = [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
+        def batches(pairs):
+            return [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
+
+        gen_batches = batches([(self.rephrase(f, step), f.target) for f in facts])
+        loc_batches = batches([(f.locality_prompt, f.locality_answer) for f in facts])
         trunk = adapter.trunk(modules)  # locality prompts: the blocks below the edits run once
         before = []
         with torch.no_grad():
@@ -145,7 +139,7 @@ class Trainer:
                         else:
                             logp = torch.log_softmax(logits, -1)
                             kl = (before[i].exp() * (before[i] - logp)).sum(-1)
-                            fact_kl = _per_fact_mean(kl, batch.mask) / n
+                            fact_kl = per_fact_sum(kl, batch.mask) / n
                             loss = cfg.c_loc * fact_kl
                             loc_loss += float(fact_kl.detach())
                         loss.backward()
@@ -162,7 +156,6 @@ class Trainer:
             for s in chunks(k.shape[0], ed.config.hyper_batch_size):
                 pk, pg = hn(name, k[s], g[s])
                 agg.surrogate(k[s], pk, pg, hn.eta(name)).backward()
-        hn.eval()
         return {"gen_loss": gen_loss, "loc_loss": loc_loss}
 
     @torch.no_grad()
