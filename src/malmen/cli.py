@@ -155,7 +155,8 @@ def cmd_edit(args) -> int:
 
 
 def _answers(editor, prompts, max_new_tokens: int = 8) -> list[str]:
-    return [editor.adapter.continuations([p], max_new_tokens)[0].strip().replace("\n", " ") for p in prompts]
+    texts = [editor.adapter.continuations([p], max_new_tokens)[0] for p in prompts]
+    return [" ".join(t.split()) or f"(only whitespace: {t!r})" for t in texts]
 
 
 # ---------------------------------------------------------------- eval
