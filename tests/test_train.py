@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tiny
-from malmen.editor import EditorConfig, EditHandle, MalmenEditor, finetune_loss, trace
+from malmen.editor import EditorConfig, MalmenEditor, finetune_loss, trace
 from malmen.evaluate import evaluate
 from malmen.hypernet import HyperConfig
 from malmen.solver import value_differences

@@ -9,7 +9,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 DATA_HINT = "a fact file: zsRE (MEND or EasyEdit fields), CounterFact (EasyEdit or ROME), or JSONL with prompt/target"

@@ -9,7 +9,7 @@ Each module also owns a learned step ``eta`` and regulariser ``lambda``, both st
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch

@@ -13,7 +13,6 @@ The LM never holds the hyper-network's graph and vice versa, so their batch size
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -28,7 +27,6 @@ from . import io
 from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, per_fact_sum, trace
 from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
-from .models import Batch
 from .tracing import KeyGradTrace
 
 
