@@ -169,7 +169,7 @@ def _editor(args, model, tok):
         linf = args.ft_linf if args.method == "ft-l" else None
         config = FineTuneConfig(steps=args.ft_steps, lr=args.ft_lr, linf=linf)
         if args.editor:  # edit the same layers as the trained editor
-            config.modules = MalmenEditor.read_config(_resolve(args.editor))["config"]["modules"]
+            config.modules = MalmenEditor.read_config(args.editor)["config"]["modules"]
         return FineTuneEditor(model, tok, config)
     if not args.editor:
         raise UsageError(f"--method {args.method or 'malmen'} needs --editor (a trained editor directory or name)")
@@ -179,12 +179,6 @@ def _editor(args, model, tok):
         raise UsageError(f"{args.editor} was trained with {editor.config.aggregation!r} aggregation; "
                          f"train one with --method {'sum' if wanted == 'sum' else 'malmen'} for --method {args.method}")
     return editor
-
-
-def _resolve(name):
-    from .registry import resolve_editor
-
-    return resolve_editor(name)
 
 
 def cmd_eval(args) -> int:

@@ -208,7 +208,11 @@ class MalmenEditor:
 
     @staticmethod
     def read_config(path: str | Path) -> dict:
-        meta = io.read_json(Path(path) / "editor.json")
+        """editor.json of an editor directory or shipped editor name, checked for our format."""
+        from .registry import resolve_editor
+
+        path = resolve_editor(path)
+        meta = io.read_json(path / "editor.json")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}/editor.json: not a malmen editor (format {meta.get('format')!r})")
         return meta

@@ -142,6 +142,7 @@ class CausalLMAdapter:
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = pad
+        self._blocks: tuple[str, nn.ModuleList] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -149,12 +150,14 @@ class CausalLMAdapter:
 
     # --- default edited modules: the MLP output projection of the last blocks
     def blocks(self) -> tuple[str, nn.ModuleList]:
-        """The stack of transformer blocks: the longest ModuleList in the model."""
-        best = max(((n, m) for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList)),
-                   key=lambda nm: len(nm[1]), default=None)
-        if best is None:
-            raise ValueError("cannot find the transformer blocks (no nn.ModuleList in the model)")
-        return best
+        """The stack of transformer blocks: the longest ModuleList in the model (found once)."""
+        if self._blocks is None:
+            best = max(((n, m) for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList)),
+                       key=lambda nm: len(nm[1]), default=None)
+            if best is None:
+                raise ValueError("cannot find the transformer blocks (no nn.ModuleList in the model)")
+            self._blocks = best
+        return self._blocks
 
     def mlp_output(self, block: nn.Module, prefix: str) -> str:
         """The second MLP linear of a block: the last linear inside a submodule whose name has

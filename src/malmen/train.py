@@ -92,21 +92,18 @@ class Trainer:
         lm_bs = ed.config.lm_batch_size
 
         # 1. cache keys and value-gradients of the edit prompts; update the normaliser
-        cache = {name: ([], []) for name in modules}
-        for batch in ed.batches(facts):
-            keys, grads = trace(adapter, modules, batch)
-            for name in modules:
-                cache[name][0].append(keys[name])
-                cache[name][1].append(grads[name])
-        cache = {name: (torch.cat(k), torch.cat(g)) for name, (k, g) in cache.items()}
-        for name, (k, g) in cache.items():
-            hn.normaliser(name).update(torch.cat([k.float(), g.float()], -1))
+        traced = [trace(adapter, modules, batch) for batch in ed.batches(facts)]
+        keys = {name: torch.cat([k[name] for k, _ in traced]) for name in modules}
+        grads = {name: torch.cat([g[name] for _, g in traced]) for name in modules}
+        del traced
+        for name in modules:
+            hn.normaliser(name).update(torch.cat([keys[name].float(), grads[name].float()], -1))
         if step == 0 and cfg.calibrate_eta and self.step_index == 0:
-            self.calibrate(facts, cache)
+            self.calibrate(facts, keys, grads)
 
         # 2. shifts, without grad
         aggregators = ed.new_aggregators()
-        ed.accumulate(aggregators, {n: c[0] for n, c in cache.items()}, {n: c[1] for n, c in cache.items()})
+        ed.accumulate(aggregators, keys, grads)
         shifts = ed.solve(aggregators)
 
         # 3. meta loss with the shift applied; keep only G = dL/dS
@@ -150,14 +147,14 @@ class Trainer:
             agg = aggregators[name]
             dlam = agg.backward(G[name])
             (hn.lam(name) * dlam.detach()).backward()
-            k, g = cache[name]
+            k, g = keys[name], grads[name]
             for s in chunks(k.shape[0], ed.config.hyper_batch_size):
                 pk, pg = hn(name, k[s], g[s])
                 agg.surrogate(k[s], pk, pg, hn.eta(name)).backward()
         return {"gen_loss": gen_loss, "loc_loss": loc_loss}
 
     @torch.no_grad()
-    def calibrate(self, facts: list[Fact], cache: dict) -> None:
+    def calibrate(self, facts: list[Fact], keys: dict, grads: dict) -> None:
         """Initial step size: the eta (shared by all modules) that most lowers the edit loss of the
         first batch with the untrained (identity) hyper-network.  Learned from there on."""
         ed, hn = self.editor, self.editor.hypernet
@@ -171,7 +168,7 @@ class Trainer:
         for log_eta in [math.log(10.0 ** e) for e in range(-8, 3)]:
             hn.log_eta.fill_(log_eta)
             aggregators = ed.new_aggregators()
-            ed.accumulate(aggregators, {n: c[0] for n, c in cache.items()}, {n: c[1] for n, c in cache.items()})
+            ed.accumulate(aggregators, keys, grads)
             with EditHandle(ed.adapter.model, ed.solve(aggregators)):
                 loss = edit_loss()
             if math.isfinite(loss) and loss < best[0]:
