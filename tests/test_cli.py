@@ -105,3 +105,34 @@ def test_bench_quality_writes_json_csv_markdown(workspace):
     assert next(r for r in rows if r["n"] == 4)["groups"] == 2
     assert (out / "results.csv").read_text().startswith("data,method,n")
     assert "| tiny | malmen | 4 |" in (out / "results.md").read_text()
+
+
+def test_train_continues_from_an_editor(workspace):
+    w = workspace
+    if not (w / "run" / "best").exists():
+        pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
+    start = json.loads((w / "run" / "best" / "editor.json").read_text())["trainer"]["step"]
+    assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--init-editor", str(w / "run" / "best"), "--out", str(w / "more"), "--n-edits", "8",
+                 "--steps", str(start + 2), "--val-every", "2", "--val-n", "8", "--lm-batch-size", "4", "--c-loc", "3"]) == 0
+    log = [json.loads(l) for l in open(w / "more" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [start + 1, start + 2]
+    meta = json.loads((w / "more" / "last" / "editor.json").read_text())
+    assert meta["trainer"]["initialised_from"]["step"] == start and meta["trainer"]["train_config"]["c_loc"] == 3
+
+
+def test_bench_speed_and_scale(workspace, capsys):
+    w = workspace
+    out = w / "speed.json"
+    assert main(["bench", "speed", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--no-split",
+                 "--edit-facts", "16", "--train-n", "8", "--steps", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("edit_facts_per_s", "limit_facts_per_s", "edit_ratio", "train_step_s", "train_step_bound_s", "train_ratio"):
+        assert r[key] > 0, key
+    assert r["edit_ratio"] == pytest.approx(r["edit_facts_per_s"] / r["limit_facts_per_s"])
+    out = w / "scale.json"
+    assert main(["bench", "scale", "--model", str(w / "model"), "--n", "20", "200", "--lm-batch-size", "8",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [p["n"] for p in r["points"]] == [20, 200] and r["rss_ratio"] > 0
+    assert all(p["peak_rss_mb"] > 0 and p["seconds"] > 0 for p in r["points"])

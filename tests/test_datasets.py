@@ -1,3 +1,4 @@
+import itertools
 import json
 from pathlib import Path
 
@@ -90,3 +91,33 @@ def test_jsonl_is_streamed(tmp_path):
     assert next(stream).prompt == "a"  # records before a bad line are served lazily
     with pytest.raises(FactError):
         list(stream)
+
+
+def test_fever_format(tmp_path):
+    facts = list(load_facts(FIX / "fever.json"))
+    assert [f.target for f in facts] == ["REFUTES", "SUPPORTS", "REFUTES"]
+    assert facts[0].rephrases == ("France has Paris as its capital.", "The French capital is Paris.")
+    assert facts[0].locality_prompt == "Tokyo is in Japan." and facts[0].locality_answer == "SUPPORTS"
+    assert [f.target for f in load_facts(FIX / "fever.json", target="true")] == ["SUPPORTS", "REFUTES", "SUPPORTS"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "equiv_prompt": ["b"], "alt": "SUPPORTS", "unrel_prompt": "c", "unrel_ans": "REFUTES"}\n'
+                   '{"prompt": "a", "equiv_prompt": ["b"], "alt": "MAYBE", "unrel_prompt": "c", "unrel_ans": "REFUTES"}\n')
+    with pytest.raises(FactError, match=r"bad.jsonl: record 1: field 'alt': verdict 'MAYBE'"):
+        list(load_facts(bad))
+    bad.write_text('{"prompt": "a", "alt": "SUPPORTS", "equiv_prompt": [], "unrel_prompt": "c", "unrel_ans": "REFUTES"}\n')
+    with pytest.raises(FactError, match="equiv_prompt"):
+        list(load_facts(bad))
+
+
+def test_counterfact_claims_flip_verdicts_both_ways():
+    path = SHARED / "counterfact" / "counterfact-val.json"
+    if not path.is_file():
+        pytest.skip("the shared CounterFact data is not here")
+    facts = list(itertools.islice(load_facts(path, fmt="counterfact-claims"), 4))
+    plain = list(itertools.islice(load_facts(path), 4))
+    assert [f.target for f in facts] == ["SUPPORTS", "REFUTES"] * 2
+    assert facts[0].prompt == f"{plain[0].prompt} {plain[0].target}"
+    assert facts[1].prompt == f"{plain[1].prompt} {plain[1].true_answer}"
+    assert facts[0].rephrases[0].endswith(plain[0].target) and facts[0].locality_answer == "SUPPORTS"
+    # never detected automatically
+    assert list(itertools.islice(load_facts(path), 1))[0].target == plain[0].target

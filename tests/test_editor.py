@@ -29,7 +29,7 @@ def test_edit_then_revert_is_bitwise_exact(dtype, aggregation):
 def test_shift_orientation_linear_and_conv1d():
     """After an edit a layer outputs v + S^T k, whatever the weight layout."""
     for model in (tiny.llama(), tiny.gpt2()):
-        from malmen.models import CausalLMAdapter
+        from malmen.adapters import CausalLMAdapter
 
         name = CausalLMAdapter(model, tiny.tokenizer()).default_modules(1)[0]
         module = model.get_submodule(name)
@@ -43,7 +43,7 @@ def test_shift_orientation_linear_and_conv1d():
 
 
 def test_default_modules_per_architecture():
-    from malmen.models import CausalLMAdapter
+    from malmen.adapters import CausalLMAdapter
 
     llama = CausalLMAdapter(tiny.llama(layers=8), tiny.tokenizer())
     assert llama.default_modules() == [f"model.layers.{i}.mlp.down_proj" for i in range(2, 8)]
@@ -52,7 +52,7 @@ def test_default_modules_per_architecture():
 
 
 def test_bad_module_names_are_refused():
-    from malmen.models import CausalLMAdapter
+    from malmen.adapters import CausalLMAdapter
 
     adapter = CausalLMAdapter(tiny.llama(), tiny.tokenizer())
     with pytest.raises(ValueError, match="does not exist"):
@@ -62,7 +62,7 @@ def test_bad_module_names_are_refused():
 
 
 def test_answer_tokens_are_labelled():
-    from malmen.models import CausalLMAdapter
+    from malmen.adapters import CausalLMAdapter
 
     tok = tiny.tokenizer()
     adapter = CausalLMAdapter(tiny.llama(), tok)
@@ -84,6 +84,8 @@ def test_save_and_load_roundtrip(tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     editor.save_pretrained(tmp_path / "ed")
     assert sorted(x.name for x in (tmp_path / "ed").iterdir()) == ["editor.json", "editor.safetensors"]
+    mode = {x.name: x.stat().st_mode & 0o777 for x in (tmp_path / "ed").iterdir()}
+    assert mode["editor.safetensors"] == mode["editor.json"]  # not private: safetensors alone writes 0600
     loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
     facts = tiny.facts(5)
     s1, s2 = editor.shifts(facts), loaded.shifts(facts)

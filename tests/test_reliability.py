@@ -115,7 +115,7 @@ def test_torch_load_is_never_called_on_user_files():
 
 
 def test_prompt_longer_than_context_is_truncated_from_the_left():
-    from malmen.models import CausalLMAdapter
+    from malmen.adapters import CausalLMAdapter
 
     adapter = CausalLMAdapter(tiny.llama(), tiny.tokenizer())  # context: 64 positions
     batch = adapter.batch(["alpha " * 100 + "what is the capital of w1"], ["paris rome"])

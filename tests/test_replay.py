@@ -2,7 +2,7 @@ import torch
 
 import tiny
 from malmen.editor import EditHandle
-from malmen.models import CausalLMAdapter
+from malmen.adapters import CausalLMAdapter
 
 
 def test_replayed_trunk_gives_the_same_logits_after_an_edit():

@@ -2,7 +2,7 @@ import torch
 
 import tiny
 from malmen.editor import finetune_loss
-from malmen.models import CausalLMAdapter
+from malmen.adapters import CausalLMAdapter
 from malmen.tracing import KeyGradTrace
 
 

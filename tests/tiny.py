@@ -95,3 +95,47 @@ def neox(layers: int = 3, hidden: int = 32, seed: int = 0):
     config = GPTNeoXConfig(vocab_size=len(tokenizer()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                            intermediate_size=4 * hidden, max_position_embeddings=64, bos_token_id=2, eos_token_id=2)
     return prepare(GPTNeoXForCausalLM(config))
+
+
+def t5(layers: int = 3, hidden: int = 32, seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer()), d_model=hidden, d_ff=2 * hidden, d_kv=8, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)
+    return prepare(T5ForConditionalGeneration(config))
+
+
+def bert(layers: int = 3, hidden: int = 32, seed: int = 0, num_labels: int = 1):
+    """A BERT claim classifier: one verdict logit on the first token."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0)
+    return prepare(BertForSequenceClassification(config))
+
+
+def claims(n: int, seed: int = 0) -> list[Fact]:
+    """Synthetic fact-checking edits: a claim, its rephrase, an unrelated claim; targets are verdicts."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        subject, city = f"w{rng.randrange(200)}", rng.choice(WORDS[30:36])
+        out.append(Fact(prompt=f"the capital of {subject} is {city}", target=rng.choice(("SUPPORTS", "REFUTES")),
+                        rephrases=(f"{subject} capital city is {city}",),
+                        locality_prompt=f"w{rng.randrange(200)} plays for {rng.choice(WORDS[:20])}",
+                        locality_answer=rng.choice(("SUPPORTS", "REFUTES")), uid=str(i)))
+    return out
+
+
+def write_encoder(path, layers: int = 2, hidden: int = 32) -> None:
+    """Save a tiny BERT encoder (no head) and its tokenizer, like a sentence-embedding checkpoint."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    # a large init scale makes the first token's output depend on the rest of the claim
+    config = BertConfig(vocab_size=len(tokenizer()), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, initializer_range=0.5)
+    BertModel(config).save_pretrained(path)
+    tokenizer().save_pretrained(path)

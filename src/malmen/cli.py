@@ -33,11 +33,11 @@ def _load(args):
 
 
 def _facts(path: str, target: str, split: str | None = None, limit: int | None = None,
-           check_conflicts: bool = False) -> list:
+           check_conflicts: bool = False, fmt: str = "auto") -> list:
     from .datasets import load_facts
 
     facts = []
-    for fact in load_facts(path, target=target, split=split, check_conflicts=check_conflicts):
+    for fact in load_facts(path, target=target, fmt=fmt, split=split, check_conflicts=check_conflicts):
         facts.append(fact)
         if limit is not None and len(facts) >= limit:
             break
@@ -62,8 +62,8 @@ def cmd_train(args) -> int:
     _torch_setup(args)
     train = []
     for path in args.data:
-        train += _facts(path, args.target, split=None if args.no_split else "train")
-    val = _facts(args.val_data or args.data[0], args.target, split=None if (args.no_split or args.val_data) else "val")
+        train += _facts(path, args.target, split=None if args.no_split else "train", fmt=args.format)
+    val = _facts(args.val_data or args.data[0], args.target, split=None if (args.no_split or args.val_data) else "val", fmt=args.format)
     if not args.val_data and args.no_split:
         val = train[-args.val_n:]
         train = train[:-args.val_n]
@@ -72,14 +72,20 @@ def cmd_train(args) -> int:
                           hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
                           lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size)
     try:
-        editor = MalmenEditor(model, tok, config)
-    except ValueError as err:
+        if args.init_editor:  # its modules, rank and aggregation win over the flags
+            editor = MalmenEditor.from_pretrained(args.init_editor, model, tok)
+            editor.config.lm_batch_size, editor.config.hyper_batch_size = args.lm_batch_size, args.hyper_batch_size
+            config = editor.config
+        else:
+            editor = MalmenEditor(model, tok, config)
+    except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
                      c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
                      seed=args.seed, max_minutes=args.max_minutes)
     trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
-    trainer.resume()
+    if not trainer.resume() and args.init_editor:
+        trainer.start_from(editor.metadata)
     print(f"training {config.aggregation} on {len(trainer.train)} facts ({len(trainer.val)} validation), "
           f"{tc.n_edits} facts per step, modules {editor.modules}", file=sys.stderr)
     from tqdm import tqdm
@@ -122,7 +128,7 @@ def cmd_edit(args) -> int:
     from .io import atomic_dir
 
     _torch_setup(args)
-    shown = list(itertools.islice(load_facts(args.facts, target=args.target), args.show))
+    shown = list(itertools.islice(load_facts(args.facts, target=args.target, fmt=args.format), args.show))
     model, tok = _load(args)
     try:
         editor = MalmenEditor.from_pretrained(args.editor, model, tok)
@@ -137,7 +143,7 @@ def cmd_edit(args) -> int:
         bar.update(n)
 
     start = time.perf_counter()
-    handle = editor.edit(load_facts(args.facts, target=args.target, check_conflicts=True), progress=progress)
+    handle = editor.edit(load_facts(args.facts, target=args.target, fmt=args.format, check_conflicts=True), progress=progress)
     bar.close()
     seconds, n_facts = time.perf_counter() - start, count[0]
     answers_after = _answers(editor, [f.prompt for f in shown])
@@ -186,7 +192,7 @@ def cmd_eval(args) -> int:
     from .io import write_json
 
     _torch_setup(args)
-    facts = _facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups)[args.skip:]
+    facts = _facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups, fmt=args.format)[args.skip:]
     if not facts:
         raise UsageError(f"{args.data}: no facts left after skipping {args.skip}")
     if len(facts) < args.n_edits:
@@ -205,6 +211,39 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- classifier
+
+def cmd_classifier(args) -> int:
+    from .classifier import build, save_head, train_head
+    from .datasets.fever import classifier_examples
+    from .facts import read_records
+
+    _torch_setup(args)
+
+    def examples(path: str, limit: int | None) -> list[tuple[str, str]]:
+        out = []
+        for record in read_records(path):
+            out += classifier_examples(record)
+            if limit is not None and len(out) >= limit:
+                break
+        if not out:
+            raise UsageError(f"{path}: no records")
+        return out
+
+    train, val = examples(args.data, args.limit), examples(args.val_data, None)
+    model, tok = build(args.encoder)
+    print(f"training the verdict head of {args.encoder} on {len(train)} claims ({len(val)} validation)", file=sys.stderr)
+    stats = train_head(model, tok, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    info = {"encoder": args.encoder, "num_labels": 1, "labels": ["REFUTES", "SUPPORTS"],
+            "trained_on": {"data": str(args.data), "val_data": str(args.val_data), "claims": len(train)},
+            "epochs": args.epochs, "lr": args.lr, **stats}
+    save_head(model, args.out, info)
+    print(f"validation accuracy {stats['val_accuracy']:.3f} (untrained head {stats['val_accuracy_before']:.3f}), "
+          f"{stats['seconds']:.0f} s; head in {args.out} (use it as --model {args.out})")
+    return 0
+
+
 # ---------------------------------------------------------------- bench
 
 def cmd_bench_quality(args) -> int:
@@ -216,7 +255,7 @@ def cmd_bench_quality(args) -> int:
         name, _, path = spec.partition("=")
         if not path:
             raise UsageError(f"--data {spec!r}: expected NAME=FILE")
-        datasets[name] = _facts(path, args.target, split=args.split)
+        datasets[name] = _facts(path, args.target, split=args.split, fmt=args.format)
     model, tok = _load(args)
     editors = {}
     for spec in args.methods:
@@ -228,6 +267,53 @@ def cmd_bench_quality(args) -> int:
                        log=lambda m: print(m, file=sys.stderr))
     write_outputs(rows, args.out, "malmen " + " ".join(sys.argv[1:]))
     print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from .bench.speed import edit_speed, train_speed
+    from .editor import EditorConfig, MalmenEditor
+    from .evaluate import peak_rss_mb
+    from .io import write_json
+
+    _torch_setup(args)
+    split = (lambda side: None) if args.no_split else (lambda side: side)
+    edit_facts = _facts(args.data, args.target, split=split("val"), limit=args.edit_facts, fmt=args.format)
+    model, tok = _load(args)
+    editor = MalmenEditor.from_pretrained(args.editor, model, tok) if args.editor else MalmenEditor(model, tok, EditorConfig())
+    result = {"command": "malmen " + " ".join(sys.argv[1:]), "model": args.model, "editor": args.editor,
+              "torch_threads": __import__("torch").get_num_threads()}
+    result.update(edit_speed(editor, edit_facts))
+    print(f"edit: {result['edit_facts_per_s']:.1f} facts/s, limit {result['limit_facts_per_s']:.1f} facts/s, "
+          f"ratio {result['edit_ratio']:.2f}")
+    if args.train_n:
+        train = _facts(args.data, args.target, split=split("train"), limit=max(args.train_n) * (args.steps + 1), fmt=args.format)
+        result["train"] = []
+        for n in args.train_n:
+            r = train_speed(editor, train, n, args.steps, log=lambda m: print(m, file=sys.stderr))
+            result["train"].append(r)
+            print(f"train n={n}: {r['train_step_s']:.2f} s per step, bound {r['train_step_bound_s']:.2f} s, "
+                  f"ratio {r['train_ratio']:.2f}")
+        first = result["train"][0]
+        result.update(train_step_s=first["train_step_s"], train_step_bound_s=first["train_step_bound_s"],
+                      train_ratio=first["train_ratio"])
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench_scale(args) -> int:
+    from .bench.scale import run_scale
+    from .io import write_json
+
+    result = run_scale(args.model, args.editor, args.n, args.lm_batch_size, log=print)
+    result["command"] = "malmen " + " ".join(sys.argv[1:])
+    print(f"peak RSS at n={args.n[-1]} / at n={args.n[0]}: {result['rss_ratio']:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -245,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="LM dtype; hyper-network and solver stay fp32")
         sp.add_argument("--target", default="new", choices=["new", "true"], help="edit in the counterfactual (new) or the true answer")
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--format", default="auto", metavar="FORMAT",
+                        help="fact file format: auto (detected from the fields), a format name, or counterfact-claims "
+                             "(fact-checking edits derived from CounterFact)")
 
     t = sub.add_parser("train", help="meta-train an editor (hyper-network)")
     common(t)
@@ -254,6 +343,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory: best/, last/ (resumed from if present), train_log.jsonl")
     t.add_argument("--method", default="malmen", choices=["malmen", "mend", "sum"],
                    help="aggregation: malmen (normal equation) or mend (= sum, MEND's)")
+    t.add_argument("--init-editor", help="continue meta-training this editor (directory or shipped name) with new settings; "
+                   "a run directory's last/ still takes precedence")
     t.add_argument("--modules", nargs="+", help="edited linear layers (default: MLP output of the last 6 blocks)")
     t.add_argument("--rank", type=int, default=256)
     t.add_argument("--blocks", type=int, default=2)
@@ -296,6 +387,19 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="results JSON")
     v.set_defaults(func=cmd_eval)
 
+    c = sub.add_parser("classifier", help="train the verdict head of a claim classifier on a frozen encoder "
+                                          "(the base model for fact-checking edits)")
+    c.add_argument("--encoder", default="minilm-l6", help="alias or directory of a BERT-style encoder (default minilm-l6)")
+    c.add_argument("--data", required=True, help="CounterFact file (EasyEdit fields): true and false claims to learn from")
+    c.add_argument("--val-data", required=True, help="CounterFact file for the validation accuracy")
+    c.add_argument("--out", required=True, help="directory for head.safetensors and head.json")
+    c.add_argument("--limit", type=int, help="at most this many training claims")
+    c.add_argument("--epochs", type=int, default=3)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_classifier)
+
     b = sub.add_parser("bench", help="benchmarks (not tests): quality")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="ES/GS/LS of several editors against n, unedited beside edited")
@@ -312,6 +416,23 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--ft-linf", type=float, default=5e-4)
     q.add_argument("--out", required=True, help="directory for results.json/.csv/.md/.png")
     q.set_defaults(func=cmd_bench_quality)
+    sp = bsub.add_parser("speed", help="edit throughput and meta-training step time against the LM's own limit")
+    common(sp)
+    sp.add_argument("--editor", help="editor directory or shipped name (default: an untrained editor)")
+    sp.add_argument("--data", required=True, help=DATA_HINT + " (zsRE: validation facts are edited, training facts train)")
+    sp.add_argument("--no-split", action="store_true", help="use --data as it is for both (no zsRE split)")
+    sp.add_argument("--edit-facts", type=int, default=512, help="facts edited at once for the throughput")
+    sp.add_argument("--train-n", nargs="*", type=int, default=[64, 512], help="facts per meta-training step")
+    sp.add_argument("--steps", type=int, default=3, help="timed meta-training steps per n (after one warm-up step)")
+    sp.add_argument("--out", required=True, help="JSON file")
+    sp.set_defaults(func=cmd_bench_speed)
+    sc = bsub.add_parser("scale", help="peak memory and time of one edit of n synthetic facts (each n in its own process)")
+    sc.add_argument("--model", default="tiny", help="'tiny' (a small random Llama) or a model name as elsewhere")
+    sc.add_argument("--editor", help="editor directory or shipped name (default: an untrained editor)")
+    sc.add_argument("--n", nargs="+", type=int, default=[1000, 10000, 100000, 1000000])
+    sc.add_argument("--lm-batch-size", type=int, help="facts per LM micro-batch (default: the editor's)")
+    sc.add_argument("--out", required=True, help="JSON file")
+    sc.set_defaults(func=cmd_bench_scale)
     return p
 
 

@@ -20,7 +20,8 @@ from torch import nn
 from . import io, linear
 from .facts import Fact
 from .hypernet import HyperConfig, HyperNetwork, shapes_of
-from .models import Batch, CausalLMAdapter, model_identity, same_weights, weight_sample
+from .adapters import Adapter, Batch, adapter_for
+from .models import model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS
 from .tracing import KeyGradTrace
 
@@ -64,7 +65,7 @@ def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return per_fact_sum(token_loss, batch.mask)
 
 
-def trace(adapter: CausalLMAdapter, modules: Sequence[str], batch: Batch) -> tuple[dict, dict]:
+def trace(adapter: Adapter, modules: Sequence[str], batch: Batch) -> tuple[dict, dict]:
     """Keys and value-gradients at the answer tokens of one teacher-forced batch."""
     with torch.enable_grad(), KeyGradTrace(adapter.model, modules, adapter.key_masks(batch, modules)) as t:
         loss = finetune_loss(adapter.answer_logits(batch), batch)
@@ -129,9 +130,9 @@ class MalmenEditor:
     """A meta-learned editor bound to a model: ``edit(facts)`` applies one aggregated shift."""
 
     def __init__(self, model: nn.Module, tokenizer, config: EditorConfig | None = None,
-                 hypernet: HyperNetwork | None = None, adapter: CausalLMAdapter | None = None):
+                 hypernet: HyperNetwork | None = None, adapter: Adapter | None = None):
         self.config = config or EditorConfig()
-        self.adapter = adapter or CausalLMAdapter(model, tokenizer)
+        self.adapter = adapter or adapter_for(model, tokenizer)
         self.model = model
         modules = self.config.modules or self.adapter.default_modules()
         self.config.modules = self.adapter.check_modules(modules)
@@ -229,7 +230,7 @@ class MalmenEditor:
         path = resolve_editor(path)
         meta = cls.read_config(path)
         config = EditorConfig.from_dict(meta["config"])
-        adapter = CausalLMAdapter(model, tokenizer)
+        adapter = adapter_for(model, tokenizer)
         adapter.check_modules(config.modules)
         shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
         if shapes_of(model, config.modules) != shapes:

@@ -18,14 +18,14 @@ import torch
 
 from .editor import MalmenEditor, micro_batches
 from .facts import Fact
-from .models import CausalLMAdapter
+from .adapters import Adapter
 from .replay import TrunkCache
 
 METRICS = ("ES", "GS", "LS", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data")
 
 
 @torch.no_grad()
-def predictions(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Sequence[str],
+def predictions(adapter: Adapter, prompts: Sequence[str], answers: Sequence[str],
                 batch_size: int = 32, trunk: TrunkCache | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per pair: (argmax predictions, target ids) at the answer positions, teacher-forced.
 
@@ -42,19 +42,19 @@ def predictions(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Seque
     return out
 
 
-def greedy_starts_with(adapter: CausalLMAdapter, prompts: Sequence[str], answers: Sequence[str],
+def greedy_starts_with(adapter: Adapter, prompts: Sequence[str], answers: Sequence[str],
                        batch_size: int = 32) -> list[bool]:
     """Whether the greedy continuation of each prompt starts with its answer."""
     results = []
     for group in micro_batches(list(zip(prompts, answers)), batch_size):
         # one token more than the longest answer needs, so a longer tokenisation still fits
-        n_new = max(len(ids) - start for ids, start in (adapter.encode(p, a) for p, a in group)) + 1
+        n_new = max(adapter.answer_length(p, a) for p, a in group) + 1
         texts = adapter.continuations([p for p, _ in group], n_new)
         results.extend(text.strip().startswith(a.strip()) for (_, a), text in zip(group, texts))
     return results
 
 
-def snapshot(adapter: CausalLMAdapter, facts: Sequence[Fact], generate: bool,
+def snapshot(adapter: Adapter, facts: Sequence[Fact], generate: bool,
              reference: list | None = None, batch_size: int = 32,
              trunk: TrunkCache | None = None) -> tuple[dict, list]:
     """Per-fact metric lists for the model as it is now; also returns the locality argmaxes."""

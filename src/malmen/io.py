@@ -61,6 +61,7 @@ def write_json(path: str | Path, obj) -> None:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files private (0600)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -64,6 +64,7 @@ class Trainer:
         self.step_index = 0
         self.best = -math.inf
         self.history: list[dict] = []
+        self.initialised_from: dict | None = None  # trainer record of the editor this run continues
 
     # --- data order: a function of (seed, step) only, so a resumed run sees the same facts
     def step_facts(self, step: int) -> list[Fact]:
@@ -98,7 +99,7 @@ class Trainer:
         del traced
         for name in modules:
             hn.normaliser(name).update(torch.cat([keys[name].float(), grads[name].float()], -1))
-        if step == 0 and cfg.calibrate_eta and self.step_index == 0:
+        if step == 0 and cfg.calibrate_eta and self.step_index == 0 and not self.initialised_from:
             self.calibrate(facts, keys, grads)
 
         # 2. shifts, without grad
@@ -185,6 +186,8 @@ class Trainer:
     def save(self, name: str, with_optimizer: bool) -> None:
         state = {"step": self.step_index, "best": self.best, "train_config": asdict(self.config),
                  "history": self.history[-200:]}
+        if self.initialised_from:
+            state["initialised_from"] = self.initialised_from
         files = {}
         if with_optimizer:
             tensors = {}
@@ -195,6 +198,18 @@ class Trainer:
             files["optimizer.safetensors"] = tensors
         self.editor.save_pretrained(self.out / name, extra={"trainer": state}, tensor_files=files)
 
+    def start_from(self, meta: dict) -> None:
+        """Continue meta-training an existing editor (its weights are already in ``self.editor``).
+
+        The data order continues at the editor's recorded step, the Adam state starts fresh, the
+        step-size line search is skipped and the best checkpoint is chosen anew. The earlier
+        earlier trainer record is kept in the new checkpoints under ``initialised_from``.
+        """
+        state = meta.get("trainer", {})
+        self.step_index = int(state.get("step", 0))
+        self.initialised_from = {k: v for k, v in state.items() if k != "history"}
+        self.log(f"starting from an editor trained for {self.step_index} steps")
+
     def resume(self) -> bool:
         """Continue from ``out/last`` if it exists. Returns whether it did."""
         last = self.out / "last"
@@ -204,6 +219,7 @@ class Trainer:
         self.editor.hypernet.load_state_dict(io.load_tensors(last / "editor.safetensors"))
         state = meta["trainer"]
         self.step_index, self.best, self.history = state["step"], state["best"], state["history"]
+        self.initialised_from = state.get("initialised_from")
         opt = last / "optimizer.safetensors"
         if opt.is_file():
             tensors = io.load_tensors(opt)

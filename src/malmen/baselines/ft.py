@@ -15,7 +15,7 @@ from torch import nn
 from .. import linear
 from ..editor import EditHandle, bucketed, finetune_loss
 from ..facts import Fact
-from ..models import CausalLMAdapter
+from ..adapters import Adapter, adapter_for
 
 
 @dataclass
@@ -31,9 +31,9 @@ class FineTuneEditor:
     """Fine-tunes a shift of each edited layer on all facts together (no meta-learning)."""
 
     def __init__(self, model: nn.Module, tokenizer, config: FineTuneConfig | None = None,
-                 adapter: CausalLMAdapter | None = None):
+                 adapter: Adapter | None = None):
         self.config = config or FineTuneConfig()
-        self.adapter = adapter or CausalLMAdapter(model, tokenizer)
+        self.adapter = adapter or adapter_for(model, tokenizer)
         self.model = model
         self.config.modules = self.adapter.check_modules(self.config.modules or self.adapter.default_modules())
 

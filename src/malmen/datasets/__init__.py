@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..facts import Fact, FactError, Record, read_records
-from . import counterfact, user, zsre
+from . import counterfact, fever, user, zsre
 
 # name -> (keys whose presence identifies the format, converter)
 FORMATS: dict[str, tuple[set[str], Callable[[Record, str], Fact]]] = {
@@ -18,6 +18,11 @@ FORMATS: dict[str, tuple[set[str], Callable[[Record, str], Fact]]] = {
     "counterfact": (counterfact.EASYEDIT_KEYS, counterfact.from_easyedit),
     "counterfact-rome": (counterfact.ROME_KEYS, counterfact.from_rome),
     "facts": (user.KEYS, user.from_user),
+    "fever": (fever.FEVER_KEYS, fever.from_fever),
+}
+# formats derived from another one's records: chosen by name only, never detected
+DERIVED: dict[str, Callable[[Record, str], Fact]] = {
+    "counterfact-claims": fever.claims_from_counterfact,
 }
 TARGETS = ("new", "true")
 
@@ -48,9 +53,10 @@ def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
     if first is None:
         raise FactError(str(path), None, None, "contains no facts")
     name = detect_format(first) if fmt == "auto" else fmt
-    if name not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    to_fact = FORMATS[name][1]
+    converters = {**{n: c for n, (_, c) in FORMATS.items()}, **DERIVED}
+    if name not in converters:
+        raise ValueError(f"unknown format {fmt!r}; choose from auto, {', '.join(converters)}")
+    to_fact = converters[name]
     seen: dict[int, tuple[int, int]] = {}
     for record in itertools.chain([first], records):
         fact = to_fact(record, target)
@@ -64,4 +70,4 @@ def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
             yield fact
 
 
-__all__ = ["FORMATS", "load_facts", "detect_format", "zsre", "counterfact", "user"]
+__all__ = ["FORMATS", "DERIVED", "load_facts", "detect_format", "zsre", "counterfact", "fever", "user"]

@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .evaluate import METRICS, evaluate
-from .facts import Fact
+from ..evaluate import METRICS, evaluate
+from ..facts import Fact
 
 
 def run_quality(editors: dict[str, object], datasets: dict[str, Sequence[Fact]], ns: Sequence[int],

@@ -1,0 +1,159 @@
+"""What every adapter shares: the batch record, module checks and finding the edited layers.
+
+An adapter is the one place that knows how a model family is fed: how (prompt, answer) pairs
+become teacher-forced batches, where keys are read, how logits at the answer positions are
+computed and which linear layers are edited by default.  Decisions come from the model's
+modules and config, never its name.  Everything downstream (tracing, editor, training,
+evaluation) sees only ``Batch`` and the methods of ``Adapter``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .. import linear
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """A teacher-forced batch.
+
+    ``targets`` is aligned with the sequence whose positions predict the answer (the decoder's in
+    a seq2seq model): ``targets[b, t]`` is what position t must predict where that belongs to the
+    answer, else IGNORE.  ``mask`` marks those positions, the 'answer positions'.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    decoder_input_ids: torch.Tensor | None = None
+    decoder_attention_mask: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.targets != IGNORE
+
+    def to(self, device) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists of ids into (ids, attention mask)."""
+    width = width or max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def longest_module_list(root: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of blocks under ``root``: its longest ModuleList (name relative to ``root``)."""
+    best = max(((n, m) for n, m in root.named_modules() if isinstance(m, nn.ModuleList)),
+               key=lambda nm: len(nm[1]), default=None)
+    if best is None:
+        raise ValueError(f"cannot find the blocks of {type(root).__name__} (no nn.ModuleList)")
+    return best
+
+
+def hidden_size(model: nn.Module) -> int:
+    return model.get_input_embeddings().embedding_dim
+
+
+def mlp_output(block: nn.Module, prefix: str, hidden: int) -> str:
+    """The MLP output projection of a block: its last linear that maps a wider input back to the
+    hidden size (Llama ``mlp.down_proj``, GPT-2 ``mlp.c_proj``, GPT-J ``mlp.fc_out``, NeoX
+    ``mlp.dense_4h_to_h``, T5 ``DenseReluDense.wo``, BERT ``output.dense``)."""
+    candidates = []
+    for name, module in block.named_modules():
+        if linear.is_editable(module):
+            a, b = linear.dims(module)
+            if a > b == hidden:
+                candidates.append(name)
+    if not candidates:
+        raise ValueError(f"{prefix}: no MLP output linear found; pass module names explicitly")
+    return f"{prefix}.{candidates[-1]}"
+
+
+class Adapter:
+    """Base of the per-family adapters; subclasses implement the feeding of the model."""
+
+    default_n_last = 6  # blocks whose MLP output is edited by default
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        config = model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.max_length = max_length or limit or 2048
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = pad
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter feeds ``model`` (decided from its config and modules)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check_modules(self, names: Sequence[str]) -> list[str]:
+        """Validate module names: they must exist and be linear layers."""
+        out = []
+        for name in names:
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"module '{name}' does not exist in {type(self.model).__name__}") from None
+            if not linear.is_editable(module):
+                raise ValueError(f"module '{name}' is a {type(module).__name__}, not a linear layer")
+            out.append(name)
+        if not out:
+            raise ValueError("no modules to edit")
+        return out
+
+    def default_modules(self, n_last: int | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def trunk(self, names: Sequence[str]):
+        """A TrunkCache for the blocks below the edits (one that replays nothing by default)."""
+        from ..replay import TrunkCache
+
+        return TrunkCache(nn.ModuleList(), 0)
+
+    # --- feeding; see CausalLMAdapter for the reference behaviour
+    def batch(self, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
+        raise NotImplementedError
+
+    def answer_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits at the answer positions, (n_answer_positions x classes), fp32, in mask order."""
+        raise NotImplementedError
+
+    def key_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor | dict:
+        """Positions whose keys and value-gradients an edit uses (one mask, or one per module)."""
+        raise NotImplementedError
+
+    def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor | dict:
+        """Every real position of the sequence each module sees (its weight gradient sums over them)."""
+        raise NotImplementedError
+
+    def answer_length(self, prompt: str, answer: str) -> int:
+        """Number of answer positions of the pair (how many tokens to generate)."""
+        raise NotImplementedError
+
+    def continuations(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """The model's greedy answers to the prompts, as text."""
+        raise NotImplementedError

@@ -1,0 +1,128 @@
+"""Decoder-only LMs (Llama, GPT-2, GPT-J, GPT-NeoX, Mistral, Qwen, ...)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .base import IGNORE, Adapter, Batch, hidden_size, longest_module_list, mlp_output, pad_rows
+
+
+class CausalLMAdapter(Adapter):
+    """Prompt and answer in one sequence; position t predicts token t+1."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int | None = None):
+        super().__init__(model, tokenizer, max_length)
+        self._blocks: tuple[str, nn.ModuleList] | None = None
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return model.get_output_embeddings() is not None and not getattr(model.config, "is_encoder_decoder", False)
+
+    # --- default edited modules: the MLP output projection of the last blocks
+    def blocks(self) -> tuple[str, nn.ModuleList]:
+        """The stack of transformer blocks: the longest ModuleList in the model (found once)."""
+        if self._blocks is None:
+            self._blocks = longest_module_list(self.model)
+        return self._blocks
+
+    def default_modules(self, n_last: int | None = None) -> list[str]:
+        prefix, blocks = self.blocks()
+        n_last = min(n_last or self.default_n_last, len(blocks))
+        hidden = hidden_size(self.model)
+        return [mlp_output(blocks[i], f"{prefix}.{i}", hidden) for i in range(len(blocks) - n_last, len(blocks))]
+
+    def lowest_block(self, names: Sequence[str]) -> int:
+        """Index of the lowest block holding one of ``names`` (blocks below it are unchanged by
+        edits); 0 when a module lies outside the blocks."""
+        prefix, blocks = self.blocks()
+        indices = []
+        for name in names:
+            rest = name[len(prefix) + 1:] if name.startswith(prefix + ".") else ""
+            head = rest.split(".", 1)[0]
+            if not head.isdigit():
+                return 0
+            indices.append(int(head))
+        return min(indices, default=0)
+
+    def trunk(self, names: Sequence[str]):
+        """A TrunkCache for the blocks below the lowest of ``names``."""
+        from ..replay import TrunkCache
+
+        return TrunkCache(self.blocks()[1], self.lowest_block(names))
+
+    # --- tokenisation
+    def encode(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Token ids of ``prompt + ' ' + answer`` and the index of the first answer token.
+
+        Works for any tokenizer: with offsets (fast tokenizers) a token belongs to the answer when
+        it covers any answer character; otherwise prompt and answer are tokenised separately.
+        """
+        text = f"{prompt} {answer}"
+        boundary = len(prompt)
+        tok = self.tokenizer
+        if getattr(tok, "is_fast", False):
+            enc = tok(text, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            start = next((i for i, (s, e) in enumerate(offsets) if e > boundary and e > s), len(ids))
+        else:
+            ids = tok(prompt)["input_ids"]
+            start = len(ids)
+            ids = ids + tok(" " + answer, add_special_tokens=False)["input_ids"]
+        start = max(start, 1)  # the first token is always context
+        return ids, start
+
+    def answer_length(self, prompt: str, answer: str) -> int:
+        ids, start = self.encode(prompt, answer)
+        return len(ids) - start
+
+    def batch(self, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
+        """Right-padded teacher-forced batch of prompt+answer pairs, truncated from the left."""
+        rows, starts = [], []
+        for prompt, answer in zip(prompts, answers):
+            ids, start = self.encode(prompt, answer)
+            if len(ids) > self.max_length:
+                cut = len(ids) - self.max_length
+                if cut >= start:
+                    raise ValueError(f"answer {answer!r} alone is longer than the model's context ({self.max_length} tokens)")
+                ids, start = ids[cut:], start - cut
+            rows.append(ids)
+            starts.append(start)
+        input_ids, attention = pad_rows(rows, self.pad_id)
+        targets = torch.full_like(input_ids, IGNORE)
+        for i, (ids, start) in enumerate(zip(rows, starts)):
+            n = len(ids)
+            # position t predicts token t+1: answer tokens start..n-1 are predicted at start-1..n-2
+            targets[i, start - 1 : n - 1] = input_ids[i, start:n]
+        return Batch(input_ids, attention, targets).to(self.device)
+
+    # --- where keys are read
+    def key_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
+        """The answer positions."""
+        return batch.mask
+
+    def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
+        return batch.attention_mask.bool()
+
+    # --- forward
+    def answer_logits(self, batch: Batch) -> torch.Tensor:
+        """The output head runs only at the answer positions: it is a large share of a small LM's cost."""
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
+        return head(hidden[batch.mask]).float()
+
+    @torch.no_grad()
+    def continuations(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of a batch of prompts (left-padded for generation)."""
+        rows = [self.tokenizer(p)["input_ids"][-self.max_length:] for p in prompts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]

@@ -1,0 +1,99 @@
+"""``malmen bench speed``: how close editing and meta-training come to the LM's own speed limit.
+
+edit:   facts per second of ``editor.shifts`` (tokenise, trace, hyper-network, sums, solve) against
+        the limit, the LM's forward plus backward down to the lowest edited layer on the same,
+        already tokenised micro-batches (the one pass an edit cannot avoid).
+train:  seconds per meta-training step against its bound, the LM passes the step must make timed
+        alone on the same micro-batches: the caching pass (forward + backward to the lowest edited
+        layer), the unedited locality forward, and the edited forward + backward on rephrases and
+        locality prompts (the trunk below the edits replayed, as the step does).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from ..editor import MalmenEditor, bucketed, finetune_loss
+from ..facts import Fact
+from ..tracing import KeyGradTrace
+from ..train import TrainConfig, Trainer
+
+
+def _lm_pass(editor: MalmenEditor, batch, masks) -> None:
+    """Forward, then backward to the lowest edited layer; no weight gradients, nothing kept."""
+    with torch.enable_grad(), KeyGradTrace(editor.adapter.model, editor.modules, masks, keep_keys=False):
+        finetune_loss(editor.adapter.answer_logits(batch), batch).sum().backward()
+
+
+def edit_speed(editor: MalmenEditor, facts: Sequence[Fact], repeats: int = 2) -> dict:
+    """Best of ``repeats`` for both the edit and its limit (first-call warm-up excluded)."""
+    facts = list(facts)
+    batches = list(editor.batches(facts))
+    editor.shifts(facts[: editor.config.lm_batch_size])  # warm-up
+    edit_s, limit_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        editor.shifts(facts)
+        edit_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for batch in batches:
+            _lm_pass(editor, batch, editor.adapter.key_masks(batch, editor.modules))
+        limit_s.append(time.perf_counter() - start)
+    edit, limit = len(facts) / min(edit_s), len(facts) / min(limit_s)
+    return {"n_facts": len(facts), "edit_facts_per_s": edit, "limit_facts_per_s": limit, "edit_ratio": edit / limit}
+
+
+def step_bound(trainer: Trainer, facts: list[Fact], step: int) -> float:
+    """Seconds of the LM passes of one meta-training step, timed alone."""
+    ed, adapter = trainer.editor, trainer.editor.adapter
+    lm_bs = ed.config.lm_batch_size
+
+    def batches(pairs):
+        return [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
+
+    edit = list(ed.batches(facts))
+    gen = batches([(trainer.rephrase(f, step), f.target) for f in facts])
+    loc = batches([(f.locality_prompt, f.locality_answer) for f in facts])
+    start = time.perf_counter()
+    for b in edit:
+        _lm_pass(ed, b, adapter.key_masks(b, ed.modules))
+    trunk = adapter.trunk(ed.modules)
+    with torch.no_grad():
+        for b in loc:
+            with trunk.step():
+                adapter.answer_logits(b)
+    trunk.rewind()
+    for kind, group in (("gen", gen), ("loc", loc)):
+        for b in group:
+            with trunk.step() if kind == "loc" else contextlib.nullcontext():
+                _lm_pass(ed, b, adapter.context_masks(b, ed.modules))
+    return time.perf_counter() - start
+
+
+def train_speed(editor: MalmenEditor, train: Sequence[Fact], n_edits: int, steps: int = 3,
+                log: Callable[[str], None] = print) -> dict:
+    """Median seconds per meta-training step (after one warm-up step) and the median bound."""
+    state = {k: v.clone() for k, v in editor.hypernet.state_dict().items()}
+    trainer = Trainer(editor, train, train[:1] * n_edits, TrainConfig(n_edits=n_edits, calibrate_eta=False), "/nonexistent")
+    step_s, bound_s = [], []
+    try:
+        for step in range(steps + 1):
+            facts = trainer.step_facts(step)
+            start = time.perf_counter()
+            trainer.meta_step(facts, step)
+            seconds = time.perf_counter() - start
+            bound = step_bound(trainer, facts, step)
+            if step > 0:
+                step_s.append(seconds)
+                bound_s.append(bound)
+            log(f"n={n_edits} step {step}: {seconds:.2f} s, LM passes alone {bound:.2f} s")
+    finally:
+        editor.hypernet.load_state_dict(state)  # the benchmark leaves the editor as it found it
+        editor.hypernet.zero_grad(set_to_none=True)
+    step_med, bound_med = statistics.median(step_s), statistics.median(bound_s)
+    return {"n_edits": n_edits, "train_step_s": step_med, "train_step_bound_s": bound_med,
+            "train_ratio": step_med / bound_med, "steps": step_s, "bounds": bound_s}
