@@ -1,7 +1,8 @@
 """A binary claim classifier built on a frozen encoder: the base model for fact-checking edits.
 
-Only the head (the pooler and the verdict logit) is trained; the encoder's weights stay those
-of the published checkpoint.  So the head is all there is to ship (under 1 MB), and an editor
+Only the head (the pooler and the verdict logit), optionally with the encoder's biases and
+LayerNorms (BitFit), is trained; the encoder's weight matrices stay those of the published
+checkpoint.  So the head is all there is to ship (under 1 MB), and an editor
 meta-trained on the classifier recognises its base model from the stock encoder weights.
 
     model, tok = build("minilm-l6")                     # encoder + untrained head
@@ -24,7 +25,7 @@ from .adapters.base import longest_module_list
 from .adapters.classifier import ClassifierAdapter
 
 
-def build(encoder: str, num_labels: int = 1, head: str | Path | None = None):
+def build(encoder: str, num_labels: int = 1, head: str | Path | None = None, scope: str = "head"):
     """(classifier, tokenizer): ``encoder`` (alias or directory) with a sequence-classification
     head, random or loaded from a directory written by :func:`save_head`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -45,7 +46,7 @@ def build(encoder: str, num_labels: int = 1, head: str | Path | None = None):
         hf_logging.set_verbosity(verbosity)
     if head is not None:
         state = io.load_tensors(Path(head) / "head.safetensors")
-        expected = {n: tuple(p.shape) for n, p in head_parameters(model).items()}
+        expected = {n: tuple(p.shape) for n, p in head_parameters(model, scope).items()}
         if {n: tuple(t.shape) for n, t in state.items()} != expected:
             raise ValueError(f"{head}: this head does not fit the encoder {encoder}")
         model.load_state_dict(state, strict=False)
@@ -53,13 +54,26 @@ def build(encoder: str, num_labels: int = 1, head: str | Path | None = None):
     return prepare(model), tokenizer
 
 
-def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters outside the embeddings and the block stack: what :func:`train_head` trains."""
+SCOPES = ("head", "bitfit")
+
+
+def head_parameters(model: nn.Module, scope: str = "head") -> dict[str, nn.Parameter]:
+    """What :func:`train_head` trains.  'head': the parameters outside the embeddings and the
+    block stack (pooler, verdict logit).  'bitfit': also every bias and LayerNorm of the encoder
+    (BitFit, Ben Zaken et al. 2022): still a small file, and no weight matrix an editor edits or
+    fingerprints changes."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     blocks, _ = longest_module_list(model)
     names = {id(m): n for n, m in model.named_modules()}
     embedding = names[id(model.get_input_embeddings())]
     frozen = (blocks + ".", embedding.rsplit(".", 1)[0] + ".")  # the whole embeddings module
-    return {n: p for n, p in model.named_parameters() if not n.startswith(frozen)}
+    out = {n: p for n, p in model.named_parameters() if not n.startswith(frozen)}
+    if scope == "bitfit":
+        norms = {f"{n}." for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+        out.update({n: p for n, p in model.named_parameters()
+                    if n.startswith(blocks + ".") and (n.endswith(".bias") or any(n.startswith(k) for k in norms))})
+    return out
 
 
 @torch.no_grad()
@@ -74,10 +88,11 @@ def accuracy(adapter: ClassifierAdapter, examples: Sequence[tuple[str, str]], ba
 
 def train_head(model: nn.Module, tokenizer, examples: Sequence[tuple[str, str]],
                val_examples: Sequence[tuple[str, str]], epochs: int = 3, lr: float = 1e-3,
-               batch_size: int = 32, seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Logistic loss on the verdict, Adam on the head only.  Returns accuracies and time."""
+               batch_size: int = 32, seed: int = 0, scope: str = "head",
+               log: Callable[[str], None] = print) -> dict:
+    """Logistic loss on the verdict, Adam on the ``scope`` parameters only.  Returns accuracies and time."""
     adapter = ClassifierAdapter(model, tokenizer)
-    params = head_parameters(model)
+    params = head_parameters(model, scope)
     for p in params.values():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=lr)
@@ -106,8 +121,9 @@ def train_head(model: nn.Module, tokenizer, examples: Sequence[tuple[str, str]],
             "train_accuracy": accuracy(adapter, list(examples)[:2000]), "seconds": time.perf_counter() - start}
 
 
-def save_head(model: nn.Module, out: str | Path, info: dict) -> None:
+def save_head(model: nn.Module, out: str | Path, info: dict, scope: str = "head") -> None:
     """Write ``head.safetensors`` and ``head.json`` (atomically)."""
     with io.atomic_dir(out) as tmp:
-        io.save_tensors(tmp / "head.safetensors", {n: p.detach().contiguous() for n, p in head_parameters(model).items()})
+        tensors = {n: p.detach().contiguous() for n, p in head_parameters(model, scope).items()}
+        io.save_tensors(tmp / "head.safetensors", tensors)
         (tmp / "head.json").write_text(json.dumps(info, indent=1) + "\n")

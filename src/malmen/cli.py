@@ -234,11 +234,11 @@ def cmd_classifier(args) -> int:
     model, tok = build(args.encoder)
     print(f"training the verdict head of {args.encoder} on {len(train)} claims ({len(val)} validation)", file=sys.stderr)
     stats = train_head(model, tok, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       seed=args.seed, log=lambda m: print(m, file=sys.stderr))
-    info = {"encoder": args.encoder, "num_labels": 1, "labels": ["REFUTES", "SUPPORTS"],
+                       seed=args.seed, scope=args.train, log=lambda m: print(m, file=sys.stderr))
+    info = {"encoder": args.encoder, "scope": args.train, "num_labels": 1, "labels": ["REFUTES", "SUPPORTS"],
             "trained_on": {"data": str(args.data), "val_data": str(args.val_data), "claims": len(train)},
             "epochs": args.epochs, "lr": args.lr, **stats}
-    save_head(model, args.out, info)
+    save_head(model, args.out, info, scope=args.train)
     print(f"validation accuracy {stats['val_accuracy']:.3f} (untrained head {stats['val_accuracy_before']:.3f}), "
           f"{stats['seconds']:.0f} s; head in {args.out} (use it as --model {args.out})")
     return 0
@@ -394,6 +394,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--val-data", required=True, help="CounterFact file for the validation accuracy")
     c.add_argument("--out", required=True, help="directory for head.safetensors and head.json")
     c.add_argument("--limit", type=int, help="at most this many training claims")
+    c.add_argument("--train", default="head", choices=["head", "bitfit"],
+                   help="head: pooler and verdict logit; bitfit: also the encoder's biases and LayerNorms")
     c.add_argument("--epochs", type=int, default=3)
     c.add_argument("--lr", type=float, default=1e-3)
     c.add_argument("--batch-size", type=int, default=32)

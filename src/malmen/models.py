@@ -75,7 +75,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, devi
     if head is not None:  # a frozen encoder plus a trained verdict head (see classifier.py)
         from .classifier import build
 
-        model, tokenizer = build(json.loads((head / "head.json").read_text())["encoder"], head=head)
+        info = json.loads((head / "head.json").read_text())
+        model, tokenizer = build(info["encoder"], head=head, scope=info.get("scope", "head"))
         model.name_or_path = name
         return prepare(model.to(dtype=dtype or torch.float32, device=device)), tokenizer
     where, gguf = resolve(name)

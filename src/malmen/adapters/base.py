@@ -100,6 +100,7 @@ class Adapter:
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = pad
+        self._blocks: tuple[str, nn.ModuleList] | None = None
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -125,8 +126,18 @@ class Adapter:
             raise ValueError("no modules to edit")
         return out
 
+    def blocks(self) -> tuple[str, nn.ModuleList]:
+        """The stack of transformer blocks: the longest ModuleList in the model (found once)."""
+        if self._blocks is None:
+            self._blocks = longest_module_list(self.model)
+        return self._blocks
+
     def default_modules(self, n_last: int | None = None) -> list[str]:
-        raise NotImplementedError
+        """The MLP output linear of each of the last ``n_last`` blocks."""
+        prefix, blocks = self.blocks()
+        n = min(n_last or self.default_n_last, len(blocks))
+        hidden = hidden_size(self.model)
+        return [mlp_output(blocks[i], f"{prefix}.{i}", hidden) for i in range(len(blocks) - n, len(blocks))]
 
     def trunk(self, names: Sequence[str]):
         """A TrunkCache for the blocks below the edits (one that replays nothing by default)."""

@@ -6,32 +6,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import IGNORE, Adapter, Batch, hidden_size, longest_module_list, mlp_output, pad_rows
+from .base import IGNORE, Adapter, Batch, pad_rows
 
 
 class CausalLMAdapter(Adapter):
     """Prompt and answer in one sequence; position t predicts token t+1."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int | None = None):
-        super().__init__(model, tokenizer, max_length)
-        self._blocks: tuple[str, nn.ModuleList] | None = None
-
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return model.get_output_embeddings() is not None and not getattr(model.config, "is_encoder_decoder", False)
-
-    # --- default edited modules: the MLP output projection of the last blocks
-    def blocks(self) -> tuple[str, nn.ModuleList]:
-        """The stack of transformer blocks: the longest ModuleList in the model (found once)."""
-        if self._blocks is None:
-            self._blocks = longest_module_list(self.model)
-        return self._blocks
-
-    def default_modules(self, n_last: int | None = None) -> list[str]:
-        prefix, blocks = self.blocks()
-        n_last = min(n_last or self.default_n_last, len(blocks))
-        hidden = hidden_size(self.model)
-        return [mlp_output(blocks[i], f"{prefix}.{i}", hidden) for i in range(len(blocks) - n_last, len(blocks))]
 
     def lowest_block(self, names: Sequence[str]) -> int:
         """Index of the lowest block holding one of ``names`` (blocks below it are unchanged by

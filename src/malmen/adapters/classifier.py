@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import IGNORE, Adapter, Batch, hidden_size, longest_module_list, mlp_output
+from .base import IGNORE, Adapter, Batch
 
 LABELS = ("REFUTES", "SUPPORTS")  # index = the class: 1 when z > 0
 
@@ -36,7 +36,6 @@ class ClassifierAdapter(Adapter):
         n = getattr(model.config, "num_labels", 1)
         if n not in (1, 2):
             raise ValueError(f"{type(model).__name__} has {n} labels; fact checking needs a binary head (1 or 2 labels)")
-        self._blocks: tuple[str, nn.ModuleList] | None = None
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -48,17 +47,6 @@ class ClassifierAdapter(Adapter):
             if key == label.upper():
                 return i
         raise ValueError(f"verdict {answer!r} is not one of {', '.join(self.labels)}")
-
-    def blocks(self) -> tuple[str, nn.ModuleList]:
-        if self._blocks is None:
-            self._blocks = longest_module_list(self.model)
-        return self._blocks
-
-    def default_modules(self, n_last: int | None = None) -> list[str]:
-        prefix, blocks = self.blocks()
-        n = min(n_last or self.default_n_last, len(blocks))
-        hidden = hidden_size(self.model)
-        return [mlp_output(blocks[i], f"{prefix}.{i}", hidden) for i in range(len(blocks) - n, len(blocks))]
 
     def answer_length(self, prompt: str, answer: str) -> int:
         return 1
