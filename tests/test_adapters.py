@@ -105,3 +105,15 @@ def test_one_meta_step_lowers_the_meta_loss_on_a_fixed_batch(build, make_facts):
     start = meta_loss()
     trainer.meta_step(facts, 0)
     assert meta_loss() < start
+
+
+@pytest.mark.parametrize("build,expected", [(tiny.t5, "T5ForConditionalGeneration"),
+                                            (tiny.bert, "BertForSequenceClassification"),
+                                            (tiny.llama, "LlamaForCausalLM")])
+def test_load_model_picks_the_family_from_the_config(tmp_path, build, expected):
+    from malmen.models import load_model
+
+    build().save_pretrained(tmp_path / "m")
+    tiny.tokenizer().save_pretrained(tmp_path / "m")
+    model, _ = load_model(str(tmp_path / "m"))
+    assert type(model).__name__ == expected and not any(p.requires_grad for p in model.parameters())

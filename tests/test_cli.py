@@ -136,3 +136,14 @@ def test_bench_speed_and_scale(workspace, capsys):
     r = json.loads(out.read_text())
     assert [p["n"] for p in r["points"]] == [20, 200] and r["rss_ratio"] > 0
     assert all(p["peak_rss_mb"] > 0 and p["seconds"] > 0 for p in r["points"])
+
+
+def test_edit_dry_run_checks_estimates_and_writes_nothing(workspace, capsys):
+    w = workspace
+    if not (w / "run" / "best").exists():
+        pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
+    assert main(["edit", "--model", str(w / "model"), "--editor", str(w / "run" / "best"), "--facts", str(w / "val.jsonl"),
+                 "--out", str(w / "dry"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "dry run: 16 facts" in printed and "sums KᵀK/KᵀD" in printed and "estimated time" in printed
+    assert not (w / "dry").exists()

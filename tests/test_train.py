@@ -104,3 +104,47 @@ def test_meta_training_raises_heldout_edit_success():
     assert es_trained >= es_untrained + 0.3, (es_untrained, es_trained)
     assert es_trained >= es_calibrated + 0.15, (es_calibrated, es_trained)
     assert loss_end < 0.9 * loss_start, (loss_start, loss_end)
+
+
+@pytest.mark.parametrize("dtype,budget,exact", [("fp32", 0.0, True), ("bf16", None, False), ("bf16", 0.0, False)])
+def test_step_cache_spills_and_bf16_keep_the_meta_gradients(dtype, budget, exact, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the spill files land here
+    torch.manual_seed(0)
+    model, tok = tiny.llama(layers=3), tiny.tokenizer()
+    ed = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=0.5), lm_batch_size=3, hyper_batch_size=7))
+    facts = tiny.facts(8, seed=3)
+    hn = ed.hypernet
+    state = {k: v.clone() for k, v in hn.state_dict().items()}
+
+    def grads(**cache):
+        hn.load_state_dict(state)
+        trainer = Trainer(ed, facts, facts, TrainConfig(n_edits=8, calibrate_eta=False, **cache), "/tmp/unused")
+        trainer.meta_gradients(facts, 0)
+        out = {n: p.grad.clone() for n, p in hn.named_parameters() if p.grad is not None}
+        hn.zero_grad(set_to_none=True)
+        return out
+
+    reference = grads()
+    cached = grads(cache_dtype=dtype, cache_budget_mb=budget)
+    assert not list(tmp_path.iterdir())  # spill files are removed when the step ends
+    for name, g in reference.items():
+        if exact:
+            assert torch.equal(cached[name], g), name
+        else:
+            assert torch.allclose(cached[name], g, rtol=0.1, atol=1e-2 * g.abs().max()), name
+
+
+def test_step_cache_spills_to_memory_mapped_files(tmp_path):
+    from malmen.cache import StepCache
+
+    x = {"a": torch.randn(5, 3), "b": torch.randn(2, 4)}
+    with StepCache("bf16", budget_mb=0.0, directory=str(tmp_path)) as cache:
+        y = cache.put(x)
+        files = list(next(tmp_path.iterdir()).iterdir())
+        assert len(files) == 2 and cache.spilled_mb > 0
+        assert y["a"].dtype == torch.bfloat16 and torch.equal(y["a"], x["a"].to(torch.bfloat16))
+    assert not list(tmp_path.iterdir())
+    with StepCache("fp32", budget_mb=1.0) as cache:
+        assert torch.equal(cache.put(x)["a"], x["a"]) and cache.spilled_mb == 0

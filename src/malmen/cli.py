@@ -82,7 +82,8 @@ def cmd_train(args) -> int:
         raise UsageError(str(err)) from None
     tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
                      c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
-                     seed=args.seed, max_minutes=args.max_minutes)
+                     seed=args.seed, max_minutes=args.max_minutes, cache_dtype=args.cache_dtype,
+                     cache_budget_mb=args.cache_budget_mb)
     trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
     if not trainer.resume() and args.init_editor:
         trainer.start_from(editor.metadata)
@@ -134,6 +135,8 @@ def cmd_edit(args) -> int:
         editor = MalmenEditor.from_pretrained(args.editor, model, tok)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
+    if args.dry_run:
+        return _dry_run(args, editor, shown)
     answers_before = _answers(editor, [f.prompt for f in shown])
     # the file is streamed: memory stays flat in the number of facts
     bar, count = _progress(None, "editing"), [0]
@@ -156,6 +159,36 @@ def cmd_edit(args) -> int:
             tok.save_pretrained(tmp)
         print(f"saved the edited model to {args.out}")
     del handle
+    return 0
+
+
+def _dry_run(args, editor, shown) -> int:
+    """Count and check the facts, run one micro-batch, and print the memory and time an edit needs.
+
+    The normal equation keeps only KᵀK and KᵀD, so the peak of one micro-batch is the peak of
+    the whole edit, whatever the number of facts."""
+    import itertools
+
+    from .datasets import load_facts
+    from .evaluate import peak_rss_mb
+
+    n = sum(1 for _ in load_facts(args.facts, target=args.target, fmt=args.format, check_conflicts=True))
+    mb = 2.0 ** 20
+    model_mb = sum(p.numel() * p.element_size() for p in editor.model.parameters()) / mb
+    hyper_mb = sum(p.numel() * p.element_size() for p in editor.hypernet.parameters()) / mb
+    sums_mb = sum(a * (a + b) * 8 for a, b in editor.hypernet.shapes.values()) / mb  # fp64 KᵀK and KᵀD
+    probe = list(itertools.islice(load_facts(args.facts, target=args.target, fmt=args.format),
+                                  editor.config.lm_batch_size))
+    editor.shifts(probe[:1])  # warm-up
+    start = time.perf_counter()
+    editor.shifts(probe)
+    rate = len(probe) / (time.perf_counter() - start)
+    print(f"dry run: {n} facts in {args.facts}, all readable; nothing edited or written")
+    print(f"  model weights {model_mb:.0f} MB, hyper-network {hyper_mb:.0f} MB, sums KᵀK/KᵀD {sums_mb:.0f} MB "
+          f"({len(editor.modules)} modules)")
+    print(f"  peak memory of this process after one micro-batch of {len(probe)} facts: {peak_rss_mb():.0f} MB; "
+          f"the edit keeps that peak for any number of facts")
+    print(f"  estimated time: {n / rate:.0f} s at {rate:.1f} facts/s (one micro-batch, {editor.adapter.device})")
     return 0
 
 
@@ -359,6 +392,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--val-n", type=int, default=128, help="validation facts edited at once")
     t.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch")
     t.add_argument("--hyper-batch-size", type=int, default=4096, help="tokens per hyper-network chunk")
+    t.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the keys and value-gradients a step keeps (the hyper-network and solver run in fp32)")
+    t.add_argument("--cache-budget-mb", type=float, help="spill them to memory-mapped files above this size")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("edit", help="edit facts into the model at once; optionally save the edited model")
@@ -367,6 +403,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--facts", required=True, help=DATA_HINT)
     e.add_argument("--out", help="directory for the edited model (save_pretrained); written atomically")
     e.add_argument("--show", type=int, default=5, help="facts whose before/after answers are printed")
+    e.add_argument("--dry-run", action="store_true",
+                   help="check the facts and print the memory and time the edit will need; edit and write nothing")
     e.set_defaults(func=cmd_edit)
 
     v = sub.add_parser("eval", help="edit N facts at once and report ES/GS/LS, edited and unedited")

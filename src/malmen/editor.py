@@ -164,8 +164,9 @@ class MalmenEditor:
                 eta = self.hypernet.eta(name)
                 k, g = keys[name], grads[name]
                 for s in chunks(k.shape[0], self.config.hyper_batch_size):
-                    pk, pg = self.hypernet(name, k[s], g[s])
-                    aggregators[name].accumulate(k[s], pk, pg, eta)
+                    ks, gs = k[s].to(self.adapter.device), g[s].to(self.adapter.device)  # cached keys may be on disk
+                    pk, pg = self.hypernet(name, ks, gs)
+                    aggregators[name].accumulate(ks, pk, pg, eta)
 
     def solve(self, aggregators: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import io
+from .cache import StepCache
 from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, per_fact_sum, trace
 from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
@@ -43,6 +44,8 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None   # stop (and keep the best checkpoint) after this long
     calibrate_eta: bool = True   # line search for the initial step on the first batch
+    cache_dtype: str = "fp32"    # keys and value-gradients of a step: fp32 or bf16 (see cache.py)
+    cache_budget_mb: float | None = None  # above this, they are spilled to memory-mapped files
 
 
 class Trainer:
@@ -88,6 +91,10 @@ class Trainer:
 
     def meta_gradients(self, facts: list[Fact], step: int) -> dict:
         """Fill ``.grad`` of the hyper-network with dL_meta/dtheta for one batch of facts."""
+        with StepCache(self.config.cache_dtype, self.config.cache_budget_mb) as cache:
+            return self._meta_gradients(facts, step, cache)
+
+    def _meta_gradients(self, facts: list[Fact], step: int, cache: StepCache) -> dict:
         ed, hn, cfg = self.editor, self.editor.hypernet, self.config
         modules, adapter = ed.modules, ed.adapter
         lm_bs = ed.config.lm_batch_size
@@ -97,6 +104,10 @@ class Trainer:
         keys = {name: torch.cat([k[name] for k, _ in traced]) for name in modules}
         grads = {name: torch.cat([g[name] for _, g in traced]) for name in modules}
         del traced
+        stored = cache.put({**{f"k:{n}": keys[n] for n in modules}, **{f"g:{n}": grads[n] for n in modules}})
+        keys = {n: stored[f"k:{n}"] for n in modules}
+        grads = {n: stored[f"g:{n}"] for n in modules}
+        del stored
         for name in modules:
             hn.normaliser(name).update(torch.cat([keys[name].float(), grads[name].float()], -1))
         if step == 0 and cfg.calibrate_eta and self.step_index == 0 and not self.initialised_from:
@@ -150,8 +161,9 @@ class Trainer:
             (hn.lam(name) * dlam.detach()).backward()
             k, g = keys[name], grads[name]
             for s in chunks(k.shape[0], ed.config.hyper_batch_size):
-                pk, pg = hn(name, k[s], g[s])
-                agg.surrogate(k[s], pk, pg, hn.eta(name)).backward()
+                ks, gs = k[s].to(adapter.device), g[s].to(adapter.device)
+                pk, pg = hn(name, ks, gs)
+                agg.surrogate(ks, pk, pg, hn.eta(name)).backward()
         return {"gen_loss": gen_loss, "loc_loss": loc_loss}
 
     @torch.no_grad()

@@ -1,0 +1,59 @@
+"""Where a meta-training step keeps the keys and value-gradients of its edit prompts.
+
+They are needed twice: for the shifts, and again for the backward through the solve and the
+hyper-network.  At n facts per step they take n x tokens x (a + b) numbers per edited module,
+the largest memory of a step.  ``StepCache`` stores them in fp32 or bf16 (the hyper-network and
+the solver upcast every chunk to fp32), and above a budget spills them to memory-mapped files in
+a temporary directory that is removed when the step ends.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# numpy has no bf16: its bits travel as int16
+_NUMPY = {torch.float32: (np.float32, torch.float32), torch.bfloat16: (np.int16, torch.int16)}
+
+
+class StepCache:
+    """``put`` converts and, above ``budget_mb``, spills; ``close`` frees the files."""
+
+    def __init__(self, dtype: str = "fp32", budget_mb: float | None = None, directory: str | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype, self.budget_mb, self.directory = DTYPES[dtype], budget_mb, directory
+        self._tmp: Path | None = None
+        self.spilled_mb = 0.0
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {k: v.detach().to(self.dtype) for k, v in tensors.items()}
+        size_mb = sum(v.numel() * v.element_size() for v in out.values()) / 2**20
+        if self.budget_mb is None or size_mb <= self.budget_mb:
+            return out
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="malmen-cache-", dir=self.directory))
+        spilled = {}
+        for i, (name, value) in enumerate(out.items()):
+            np_dtype, bits = _NUMPY[self.dtype]
+            array = np.memmap(self._tmp / f"{len(list(self._tmp.iterdir()))}-{i}.bin", dtype=np_dtype, mode="w+",
+                              shape=tuple(value.shape))
+            array[...] = value.cpu().contiguous().view(bits).numpy()
+            spilled[name] = torch.from_numpy(array).view(self.dtype)
+        self.spilled_mb += size_mb
+        return spilled
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> "StepCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
