@@ -165,8 +165,8 @@ def cmd_edit(args) -> int:
 def _dry_run(args, editor, shown) -> int:
     """Count and check the facts, run one micro-batch, and print the memory and time an edit needs.
 
-    The normal equation keeps only KᵀK and KᵀD, so the peak of one micro-batch is the peak of
-    the whole edit, whatever the number of facts."""
+    The normal equation keeps only KᵀK and KᵀD, so the peak of one micro-batch is, up to the
+    allocator's growth over a long run, the peak of the whole edit, whatever the number of facts."""
     import itertools
 
     from .datasets import load_facts
@@ -187,7 +187,7 @@ def _dry_run(args, editor, shown) -> int:
     print(f"  model weights {model_mb:.0f} MB, hyper-network {hyper_mb:.0f} MB, sums KᵀK/KᵀD {sums_mb:.0f} MB "
           f"({len(editor.modules)} modules)")
     print(f"  peak memory of this process after one micro-batch of {len(probe)} facts: {peak_rss_mb():.0f} MB; "
-          f"the edit keeps that peak for any number of facts")
+          f"an edit holds nothing more for more facts (allocator growth aside: docs/BENCHMARKS.md)")
     print(f"  estimated time: {n / rate:.0f} s at {rate:.1f} facts/s (one micro-batch, {editor.adapter.device})")
     return 0
 
