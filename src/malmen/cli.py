@@ -138,8 +138,9 @@ def cmd_edit(args) -> int:
     if args.dry_run:
         return _dry_run(args, editor, shown)
     answers_before = _answers(editor, [f.prompt for f in shown])
-    # the file is streamed: memory stays flat in the number of facts
-    bar, count = _progress(None, "editing"), [0]
+    # the file is streamed twice, never held: once to count (for the ETA), once to edit
+    total = sum(1 for _ in load_facts(args.facts, target=args.target, fmt=args.format))
+    bar, count = _progress(total, "editing"), [0]
 
     def progress(n: int) -> None:
         count[0] += n
