@@ -39,8 +39,9 @@ def build(encoder: str, num_labels: int = 1, head: str | Path | None = None, sco
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # 'newly initialised head' is expected here
     try:
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels)
+        with torch.random.fork_rng():  # a fixed initial head, without touching the caller's RNG
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels)
         tokenizer = AutoTokenizer.from_pretrained(where)
     finally:
         hf_logging.set_verbosity(verbosity)
