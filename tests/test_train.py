@@ -141,10 +141,10 @@ def test_step_cache_spills_to_memory_mapped_files(tmp_path):
 
     x = {"a": torch.randn(5, 3), "b": torch.randn(2, 4)}
     with StepCache("bf16", budget_mb=0.0, directory=str(tmp_path)) as cache:
-        y = cache.put(x)
+        y, = cache.put(x)
         files = list(next(tmp_path.iterdir()).iterdir())
         assert len(files) == 2 and cache.spilled_mb > 0
         assert y["a"].dtype == torch.bfloat16 and torch.equal(y["a"], x["a"].to(torch.bfloat16))
     assert not list(tmp_path.iterdir())
     with StepCache("fp32", budget_mb=1.0) as cache:
-        assert torch.equal(cache.put(x)["a"], x["a"]) and cache.spilled_mb == 0
+        assert torch.equal(cache.put(x)[0]["a"], x["a"]) and cache.spilled_mb == 0

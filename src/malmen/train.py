@@ -104,13 +104,10 @@ class Trainer:
         keys = {name: torch.cat([k[name] for k, _ in traced]) for name in modules}
         grads = {name: torch.cat([g[name] for _, g in traced]) for name in modules}
         del traced
-        stored = cache.put({**{f"k:{n}": keys[n] for n in modules}, **{f"g:{n}": grads[n] for n in modules}})
-        keys = {n: stored[f"k:{n}"] for n in modules}
-        grads = {n: stored[f"g:{n}"] for n in modules}
-        del stored
+        keys, grads = cache.put(keys, grads)
         for name in modules:
             hn.normaliser(name).update(torch.cat([keys[name].float(), grads[name].float()], -1))
-        if step == 0 and cfg.calibrate_eta and self.step_index == 0 and not self.initialised_from:
+        if step == 0 and cfg.calibrate_eta and self.step_index == 0 and self.initialised_from is None:
             self.calibrate(facts, keys, grads)
 
         # 2. shifts, without grad
@@ -198,7 +195,7 @@ class Trainer:
     def save(self, name: str, with_optimizer: bool) -> None:
         state = {"step": self.step_index, "best": self.best, "train_config": asdict(self.config),
                  "history": self.history[-200:]}
-        if self.initialised_from:
+        if self.initialised_from is not None:
             state["initialised_from"] = self.initialised_from
         files = {}
         if with_optimizer:
@@ -214,7 +211,7 @@ class Trainer:
         """Continue meta-training an existing editor (its weights are already in ``self.editor``).
 
         The data order continues at the editor's recorded step, the Adam state starts fresh, the
-        step-size line search is skipped and the best checkpoint is chosen anew. The earlier
+        step-size line search is skipped and the best checkpoint is chosen anew. The editor's
         earlier trainer record is kept in the new checkpoints under ``initialised_from``.
         """
         state = meta.get("trainer", {})
