@@ -6,6 +6,7 @@ of steps.  FT-L bounds every entry of the weight change by ``linf`` (ROME/MEMIT 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -25,6 +26,7 @@ class FineTuneConfig:
     lr: float = 1e-3
     linf: float | None = None    # FT-L: bound on every entry of the weight change
     lm_batch_size: int = 32
+    replay_trunk: bool = True    # run the blocks below the edited layers once, not once per step
 
 
 class FineTuneEditor:
@@ -57,14 +59,20 @@ class FineTuneEditor:
                 return output + (inputs[0].float() @ shifts[name]).to(output.dtype)
             return hook
 
+        # only the edited layers change, so the blocks below them run once (first step) and are replayed
+        trunk = adapter.trunk(self.modules) if cfg.replay_trunk else None
         handles = [self.model.get_submodule(n).register_forward_hook(add_shift(n)) for n in self.modules]
         try:
             with torch.enable_grad():
                 for _ in range(cfg.steps):
                     optimizer.zero_grad(set_to_none=True)
                     for batch in batches:
-                        (finetune_loss(adapter.answer_logits(batch), batch) / len(facts)).backward()
+                        with trunk.step() if trunk is not None else contextlib.nullcontext():
+                            loss = finetune_loss(adapter.answer_logits(batch), batch) / len(facts)
+                        loss.backward()
                     optimizer.step()
+                    if trunk is not None:
+                        trunk.rewind()
                     if cfg.linf is not None:
                         with torch.no_grad():
                             for s in shifts.values():
