@@ -98,13 +98,13 @@ def test_bench_quality_writes_json_csv_markdown(workspace):
         pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
     out = w / "bench"
     assert main(["bench", "quality", "--model", str(w / "model"), "--methods", f"malmen={w / 'run' / 'best'}", "ft",
-                 "--data", f"tiny={w / 'val.jsonl'}", "--split", "train", "--n", "1", "4", "64", "--facts-per-point", "8",
+                 "--data", f"tiny={w / 'val.jsonl'}", "--split", "train", "--n", "1", "4", "64", "--facts-per-point", "8", "--targets", "new",
                  "--no-generate", "--ft-steps", "2", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {(r["method"], r["n"]) for r in rows} == {("malmen", 1), ("malmen", 4), ("ft", 1), ("ft", 4)}
     assert next(r for r in rows if r["n"] == 4)["groups"] == 2
-    assert (out / "results.csv").read_text().startswith("data,method,n")
-    assert "| tiny | malmen | 4 |" in (out / "results.md").read_text()
+    assert (out / "results.csv").read_text().startswith("data,target,method,n")
+    assert "| tiny | new | malmen | 4 |" in (out / "results.md").read_text()
 
 
 def test_train_continues_from_an_editor(workspace):

@@ -289,12 +289,16 @@ def cmd_bench_quality(args) -> int:
     from .bench import run_quality, write_outputs
 
     _torch_setup(args)
-    datasets = {}
+    datasets = []
     for spec in args.data:
         name, _, path = spec.partition("=")
         if not path:
             raise UsageError(f"--data {spec!r}: expected NAME=FILE")
-        datasets[name] = _facts(path, args.target, split=args.split, fmt=args.format)
+        for target in args.targets:
+            facts = _facts(path, target, split=args.split, fmt=args.format)[args.skip:]
+            if not facts:
+                raise UsageError(f"{path}: no facts left after skipping {args.skip}")
+            datasets.append((name, target, facts))
     model, tok = _load(args)
     editors = {}
     for spec in args.methods:
@@ -360,11 +364,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="malmen", description="Edit many facts into a language model at once (MALMEN).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
+    def common(sp, target: bool = True):
         sp.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, HF directory/hub id, or .gguf file (default {DEFAULT_MODEL})")
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="LM dtype; hyper-network and solver stay fp32")
-        sp.add_argument("--target", default="new", choices=["new", "true"], help="edit in the counterfactual (new) or the true answer")
+        if target:
+            sp.add_argument("--target", default="new", choices=["new", "true"], help="edit in the counterfactual (new) or the true answer")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--format", default="auto", metavar="FORMAT",
                         help="fact file format: auto (detected from the fields), a format name, or counterfact-claims "
@@ -445,11 +450,14 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (not tests): quality")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="ES/GS/LS of several editors against n, unedited beside edited")
-    common(q)
+    common(q, target=False)
     q.add_argument("--methods", nargs="+", required=True,
                    help="METHOD=EDITOR for malmen/mend (e.g. malmen=smollm2-zsre), plain ft / ft-l for the baselines")
     q.add_argument("--data", nargs="+", required=True, help="NAME=FILE pairs of held-out facts")
-    q.add_argument("--split", choices=["train", "val"], default="val")
+    q.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed split (held-out zsRE: val)")
+    q.add_argument("--targets", nargs="+", choices=["new", "true"], default=["new", "true"],
+                   help="edit in the counterfactual and/or the true answers (both by default)")
+    q.add_argument("--skip", type=int, default=0, help="skip the first facts (those the editors' checkpoints were selected on)")
     q.add_argument("--n", nargs="+", type=int, default=[1, 16, 128, 1024, 4096, 16384])
     q.add_argument("--facts-per-point", type=int, default=1024, help="groups per point: this many facts // n (at least 1)")
     q.add_argument("--no-generate", action="store_true")

@@ -1,6 +1,6 @@
 """``malmen bench quality``: ES/GS/LS of several editors as the number of facts edited at once grows.
 
-For every data file, method and n, edits ``max(1, facts_per_point // n)`` consecutive groups of n
+For every data file, target (counterfactual ``new`` or ``true`` answer), method and n, edits ``max(1, facts_per_point // n)`` consecutive groups of n
 held-out facts (each group into the unedited model, reverted afterwards) and records every metric
 of evaluate.METRICS, unedited beside edited, the edit time and the peak memory.  Writes
 ``results.json``, ``results.csv``, ``results.md`` and, when matplotlib is installed, ``results.png``.
@@ -17,12 +17,15 @@ from ..evaluate import METRICS, evaluate
 from ..facts import Fact
 
 
-def run_quality(editors: dict[str, object], datasets: dict[str, Sequence[Fact]], ns: Sequence[int],
+def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, Sequence[Fact]]], ns: Sequence[int],
                 facts_per_point: int = 1024, generate: bool = True,
                 log: Callable[[str], None] = print) -> list[dict]:
-    """Rows of results, one per (dataset, method, n); n is capped by the facts available."""
+    """Rows of results, one per (dataset, target, method, n); n is capped by the facts available.
+
+    ``datasets`` holds (name, target, facts) triples: the same file once per target.
+    """
     rows = []
-    for data_name, facts in datasets.items():
+    for data_name, target, facts in datasets:
         cap = len(facts)
         usable = [n for n in ns if n <= cap]
         if len(usable) < len(ns):
@@ -31,14 +34,14 @@ def run_quality(editors: dict[str, object], datasets: dict[str, Sequence[Fact]],
             for n in usable:
                 groups = max(1, min(facts_per_point // n, cap // n))
                 result = evaluate(editor, facts[: n * groups], n, generate=generate)
-                row = {"data": data_name, "method": method, "n": n, "groups": groups,
-                       "edit_seconds": result["edit_seconds"], "peak_rss_mb": result["peak_rss_mb"]}
+                row = {"data": data_name, "target": target, "method": method, "n": n, "groups": groups,
+                       "held_out_facts": cap, "edit_seconds": result["edit_seconds"], "peak_rss_mb": result["peak_rss_mb"]}
                 for key in METRICS:
                     if key in result:
                         row[key] = result[key]
                         row[f"before_{key}"] = result["before"][key]
                 rows.append(row)
-                log(f"{data_name} {method} n={n}: ES {row['ES']:.3f} GS {row['GS']:.3f} LS {row['LS']:.3f} "
+                log(f"{data_name}/{target} {method} n={n}: ES {row['ES']:.3f} GS {row['GS']:.3f} LS {row['LS']:.3f} "
                     f"({row['edit_seconds']:.1f} s per edit)")
     return rows
 
@@ -53,10 +56,10 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"Command: `{command}`", "",
-             "| data | method | n | ES | GS | LS | ES_exact | GS_exact | LS_data | edit s | unedited ES/GS |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| data | target | method | n | ES | GS | LS | ES_exact | GS_exact | LS_data | edit s | unedited ES/GS |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['data']} | {r['method']} | {r['n']} | {r['ES']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} | "
+        lines.append(f"| {r['data']} | {r['target']} | {r['method']} | {r['n']} | {r['ES']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} | "
                      f"{r.get('ES_exact', math.nan):.3f} | {r.get('GS_exact', math.nan):.3f} | {r.get('LS_data', math.nan):.3f} | "
                      f"{r['edit_seconds']:.1f} | {r['before_ES']:.3f}/{r['before_GS']:.3f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -70,11 +73,14 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
     metrics = [m for m in METRICS if any(m in r for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for data in dict.fromkeys(r["data"] for r in rows):
-            for method in dict.fromkeys(r["method"] for r in rows):
-                pts = sorted((r["n"], r[metric]) for r in rows if r["data"] == data and r["method"] == method and metric in r)
+        colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+        for data, target in dict.fromkeys((r["data"], r["target"]) for r in rows):
+            for method, colour in colours.items():
+                pts = sorted((r["n"], r[metric]) for r in rows
+                             if (r["data"], r["target"], r["method"]) == (data, target, method) and metric in r)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{method} ({data})")
+                    ax.plot(*zip(*pts), marker="o", color=colour, linestyle="-" if target == "new" else "--",
+                            label=f"{method} ({data}, {target})")
         ax.set_xscale("log")
         ax.set_title(metric)
         ax.set_xlabel("facts edited at once")
