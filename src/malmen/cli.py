@@ -208,24 +208,25 @@ def _write_result(path: str, result: dict) -> None:
     print(f"wrote {path}")
 
 
-def _editor(args, model, tok):
-    """The editor an ``eval`` asks for: a trained MALMEN/MEND editor, or a fine-tuning baseline."""
+def _editor(method: str | None, editor_dir: str | None, args, model, tok):
+    """The editor an ``eval`` or ``bench quality`` asks for: a trained MALMEN/MEND editor, or a
+    fine-tuning baseline configured by ``args.ft_steps``, ``args.ft_lr`` and ``args.ft_linf``."""
     from .baselines import FineTuneConfig, FineTuneEditor
     from .editor import MalmenEditor
 
-    if args.method in ("ft", "ft-l"):
-        linf = args.ft_linf if args.method == "ft-l" else None
+    if method in ("ft", "ft-l"):
+        linf = args.ft_linf if method == "ft-l" else None
         config = FineTuneConfig(steps=args.ft_steps, lr=args.ft_lr, linf=linf)
-        if args.editor:  # edit the same layers as the trained editor
-            config.modules = MalmenEditor.read_config(args.editor)["config"]["modules"]
+        if editor_dir:  # edit the same layers as the trained editor
+            config.modules = MalmenEditor.read_config(editor_dir)["config"]["modules"]
         return FineTuneEditor(model, tok, config)
-    if not args.editor:
-        raise UsageError(f"--method {args.method or 'malmen'} needs --editor (a trained editor directory or name)")
-    editor = MalmenEditor.from_pretrained(args.editor, model, tok)
-    wanted = {"malmen": "malmen", "mend": "sum", None: editor.config.aggregation}[args.method]
+    if not editor_dir:
+        raise UsageError(f"--method {method or 'malmen'} needs a trained editor (a directory or shipped name)")
+    editor = MalmenEditor.from_pretrained(editor_dir, model, tok)
+    wanted = {"malmen": "malmen", "mend": "sum", None: editor.config.aggregation}[method]
     if wanted != editor.config.aggregation:
-        raise UsageError(f"{args.editor} was trained with {editor.config.aggregation!r} aggregation; "
-                         f"train one with --method {'sum' if wanted == 'sum' else 'malmen'} for --method {args.method}")
+        raise UsageError(f"{editor_dir} was trained with {editor.config.aggregation!r} aggregation; "
+                         f"train one with --method {'sum' if wanted == 'sum' else 'malmen'} for --method {method}")
     return editor
 
 
@@ -239,7 +240,7 @@ def cmd_eval(args) -> int:
     if len(facts) < args.n_edits:
         print(f"note: only {len(facts)} facts available; editing all of them at once", file=sys.stderr)
     model, tok = _load(args)
-    editor = _editor(args, model, tok)
+    editor = _editor(args.method, args.editor, args, model, tok)
     result = evaluate(editor, facts, args.n_edits, generate=not args.no_generate,
                       progress=lambda m: print(m, file=sys.stderr))
     result.update(method=args.method or getattr(editor.config, "aggregation", None), editor=str(args.editor), skip=args.skip,
@@ -303,9 +304,7 @@ def cmd_bench_quality(args) -> int:
     editors = {}
     for spec in args.methods:
         method, _, editor_dir = spec.partition("=")
-        sub = argparse.Namespace(method=method, editor=editor_dir or None, ft_steps=args.ft_steps, ft_lr=args.ft_lr,
-                                 ft_linf=args.ft_linf)
-        editors[method] = _editor(sub, model, tok)
+        editors[method] = _editor(method, editor_dir or None, args, model, tok)
     rows = run_quality(editors, datasets, args.n, args.facts_per_point, generate=not args.no_generate,
                        log=lambda m: print(m, file=sys.stderr))
     write_outputs(rows, args.out, "malmen " + " ".join(sys.argv[1:]))
