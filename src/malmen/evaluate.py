@@ -86,10 +86,12 @@ def peak_rss_mb() -> float:
 
 
 def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate: bool = True,
-             progress: Callable[[str], None] | None = None) -> dict:
+             progress: Callable[[str], None] | None = None, unedited: dict | None = None) -> dict:
     """Edit ``facts`` in consecutive groups of ``n_edits`` at once; average metrics over all facts.
 
-    Every group is edited into the unedited model and reverted afterwards.
+    Every group is edited into the unedited model and reverted afterwards.  ``unedited``: a dict
+    kept across calls on the same facts and n (several editors of one model): the unedited
+    figures and the recorded trunk of each group are computed once and reused.
     """
     facts = list(facts)
     if not facts:
@@ -105,8 +107,14 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
         if progress:
             progress(f"group {i + 1}/{len(groups)}: unedited")
         # the blocks below the edited layers are run once, before the edit, and replayed after it
-        trunk = editor.adapter.trunk(editor.modules)
-        m0, reference = snapshot(editor.adapter, group, generate, None, bs, trunk)
+        key = (i, len(group), bs, tuple(editor.modules), generate)
+        if unedited is None or key not in unedited:
+            trunk = editor.adapter.trunk(editor.modules)
+            m0, reference = snapshot(editor.adapter, group, generate, None, bs, trunk)
+            if unedited is not None:
+                unedited[key] = (m0, reference, trunk)
+        else:
+            m0, reference, trunk = unedited[key]
         trunk.rewind()
         start = time.perf_counter()
         handle = editor.edit(group)

@@ -30,10 +30,11 @@ def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, S
         usable = [n for n in ns if n <= cap]
         if len(usable) < len(ns):
             log(f"{data_name}: {cap} held-out facts; n capped at {cap} (skipping {[n for n in ns if n > cap]})")
+        unedited: dict[int, dict] = {n: {} for n in usable}  # unedited figures, shared by the methods
         for method, editor in editors.items():
             for n in usable:
                 groups = max(1, min(facts_per_point // n, cap // n))
-                result = evaluate(editor, facts[: n * groups], n, generate=generate)
+                result = evaluate(editor, facts[: n * groups], n, generate=generate, unedited=unedited[n])
                 row = {"data": data_name, "target": target, "method": method, "n": n, "groups": groups,
                        "held_out_facts": cap, "edit_seconds": result["edit_seconds"], "peak_rss_mb": result["peak_rss_mb"]}
                 for key in METRICS:
