@@ -147,3 +147,19 @@ def test_edit_dry_run_checks_estimates_and_writes_nothing(workspace, capsys):
     printed = capsys.readouterr().out
     assert "dry run: 16 facts" in printed and "sums KᵀK/KᵀD" in printed and "estimated time" in printed
     assert not (w / "dry").exists()
+
+
+def test_edit_with_a_fine_tuning_baseline_saves_a_bounded_change(workspace, tmp_path, capsys):
+    w = workspace
+    out = tmp_path / "ftl"
+    assert main(["edit", "--model", str(w / "model"), "--method", "ft-l", "--ft-steps", "3", "--ft-lr", "1e-2",
+                 "--ft-linf", "1e-3", "--facts", str(w / "val.jsonl"), "--out", str(out), "--show", "1"]) == 0
+    assert "edited 16 facts at once" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(w / "model")
+    changes = [(p - base.get_parameter(n)).abs().max() for n, p in edited.named_parameters()
+               if not torch.equal(p, base.get_parameter(n))]
+    # FT-L bounds the shift; the weight change is that shift (transposed into the weight's layout)
+    assert changes and max(changes) <= 1e-3 + 1e-6
+    assert main(["edit", "--model", str(w / "model"), "--facts", str(w / "val.jsonl")]) == 2   # no editor, no method

@@ -125,14 +125,15 @@ def cmd_edit(args) -> int:
     import itertools
 
     from .datasets import load_facts
-    from .editor import MalmenEditor
     from .io import atomic_dir
 
     _torch_setup(args)
     shown = list(itertools.islice(load_facts(args.facts, target=args.target, fmt=args.format), args.show))
+    if args.dry_run and args.method in ("ft", "ft-l"):
+        raise UsageError(f"--dry-run estimates trained editors (malmen, mend), not --method {args.method}")
     model, tok = _load(args)
     try:
-        editor = MalmenEditor.from_pretrained(args.editor, model, tok)
+        editor = _editor(args.method, args.editor, args, model, tok)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     if args.dry_run:
@@ -374,6 +375,11 @@ def parser() -> argparse.ArgumentParser:
                         help="fact file format: auto (detected from the fields), a format name, or counterfact-claims "
                              "(fact-checking edits derived from CounterFact)")
 
+    def ft_options(sp):
+        sp.add_argument("--ft-steps", type=int, default=20, help="ft/ft-l: Adam steps on the facts")
+        sp.add_argument("--ft-lr", type=float, default=1e-3, help="ft/ft-l: Adam learning rate")
+        sp.add_argument("--ft-linf", type=float, default=5e-4, help="ft-l: bound on each weight change")
+
     t = sub.add_parser("train", help="meta-train an editor (hyper-network)")
     common(t)
     t.add_argument("--data", nargs="+", required=True, help=DATA_HINT + "; zsRE files use the fixed train split")
@@ -405,7 +411,11 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("edit", help="edit facts into the model at once; optionally save the edited model")
     common(e)
-    e.add_argument("--editor", required=True, help="editor directory or shipped editor name")
+    e.add_argument("--editor", help="editor directory or shipped editor name (for ft/ft-l: only names the layers)")
+    e.add_argument("--method", choices=["malmen", "mend", "ft", "ft-l"],
+                   help="malmen/mend: the trained editor (its aggregation must match; default: whatever it is); "
+                        "ft/ft-l: fine-tuning baselines")
+    ft_options(e)
     e.add_argument("--facts", required=True, help=DATA_HINT)
     e.add_argument("--out", help="directory for the edited model (save_pretrained); written atomically")
     e.add_argument("--show", type=int, default=5, help="facts whose before/after answers are printed")
@@ -424,9 +434,7 @@ def parser() -> argparse.ArgumentParser:
                    help="skip the first facts (e.g. 128: the validation facts malmen train selects its best checkpoint on)")
     v.add_argument("--method", choices=["malmen", "mend", "ft", "ft-l"],
                    help="malmen/mend: the trained editor (its aggregation must match); ft/ft-l: fine-tuning baselines")
-    v.add_argument("--ft-steps", type=int, default=20, help="ft/ft-l: Adam steps on the facts")
-    v.add_argument("--ft-lr", type=float, default=1e-3)
-    v.add_argument("--ft-linf", type=float, default=5e-4, help="ft-l: bound on each weight change")
+    ft_options(v)
     v.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics")
     v.add_argument("--out", help="results JSON")
     v.set_defaults(func=cmd_eval)
@@ -460,9 +468,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--n", nargs="+", type=int, default=[1, 16, 128, 1024, 4096, 16384])
     q.add_argument("--facts-per-point", type=int, default=1024, help="groups per point: this many facts // n (at least 1)")
     q.add_argument("--no-generate", action="store_true")
-    q.add_argument("--ft-steps", type=int, default=20)
-    q.add_argument("--ft-lr", type=float, default=1e-3)
-    q.add_argument("--ft-linf", type=float, default=5e-4)
+    ft_options(q)
     q.add_argument("--out", required=True, help="directory for results.json/.csv/.md/.png")
     q.set_defaults(func=cmd_bench_quality)
     sp = bsub.add_parser("speed", help="edit throughput and meta-training step time against the LM's own limit")
