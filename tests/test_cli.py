@@ -104,7 +104,9 @@ def test_bench_quality_writes_json_csv_markdown(workspace):
     assert {(r["method"], r["n"]) for r in rows} == {("malmen", 1), ("malmen", 4), ("ft", 1), ("ft", 4)}
     assert next(r for r in rows if r["n"] == 4)["groups"] == 2
     assert (out / "results.csv").read_text().startswith("data,target,method,n")
-    assert "| tiny | new | malmen | 4 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| tiny | new | malmen | 4 |" in md
+    assert "| data | target | method | n = 1 | n = 4 |" in md and "| tiny | new | unedited |" in md
 
 
 def test_train_continues_from_an_editor(workspace):

@@ -47,6 +47,23 @@ def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, S
     return rows
 
 
+def pivot(rows: list[dict]) -> list[str]:
+    """A compact Markdown table: one line per (data, target, method), one column per n."""
+    ns = sorted({r["n"] for r in rows})
+    lines = ["| data | target | method | " + " | ".join(f"n = {n}" for n in ns) + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in ns) + " |"]
+    for data, target in dict.fromkeys((r["data"], r["target"]) for r in rows):
+        # the unedited figures depend on n only through which facts its groups cover
+        before = {r["n"]: f"{r['before_ES']:.2f} / {r['before_GS']:.2f} / 1" for r in rows
+                  if (r["data"], r["target"]) == (data, target)}
+        lines.append(f"| {data} | {target} | unedited | " + " | ".join(before.get(n, "") for n in ns) + " |")
+        for method in dict.fromkeys(r["method"] for r in rows if (r["data"], r["target"]) == (data, target)):
+            cells = {r["n"]: f"{r['ES']:.2f} / {r['GS']:.2f} / {r['LS']:.2f}" for r in rows
+                     if (r["data"], r["target"], r["method"]) == (data, target, method)}
+            lines.append(f"| {data} | {target} | {method} | " + " | ".join(cells.get(n, "") for n in ns) + " |")
+    return lines
+
+
 def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,6 +80,7 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
         lines.append(f"| {r['data']} | {r['target']} | {r['method']} | {r['n']} | {r['ES']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} | "
                      f"{r.get('ES_exact', math.nan):.3f} | {r.get('GS_exact', math.nan):.3f} | {r.get('LS_data', math.nan):.3f} | "
                      f"{r['edit_seconds']:.1f} | {r['before_ES']:.3f}/{r['before_GS']:.3f} |")
+    lines += ["", "ES / GS / LS by number of facts edited at once:", ""] + pivot(rows)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
