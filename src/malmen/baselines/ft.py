@@ -22,8 +22,8 @@ from ..adapters import Adapter, adapter_for
 @dataclass
 class FineTuneConfig:
     modules: list[str] = field(default_factory=list)   # empty: the adapter's default
-    steps: int = 20
-    lr: float = 1e-3
+    steps: int = 10
+    lr: float = 5e-3
     linf: float | None = None    # FT-L: bound on every entry of the weight change
     lm_batch_size: int = 32
     replay_trunk: bool = True    # run the blocks below the edited layers once, not once per step
