@@ -27,15 +27,16 @@ def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, S
     """
     rows = []
     for data_name, target, facts in datasets:
+        start = len(rows)
         cap = len(facts)
         usable = [n for n in ns if n <= cap]
         if len(usable) < len(ns):
             log(f"{data_name}: {cap} held-out facts; n capped at {cap} (skipping {[n for n in ns if n > cap]})")
-        unedited: dict[int, dict] = {n: {} for n in usable}  # unedited figures, shared by the methods
-        for method, editor in editors.items():
-            for n in usable:
-                groups = max(1, min(facts_per_point // n, cap // n))
-                result = evaluate(editor, facts[: n * groups], n, generate=generate, unedited=unedited[n])
+        for n in usable:
+            groups = max(1, min(facts_per_point // n, cap // n))
+            unedited: dict = {}  # the unedited figures and trunk of each group, shared by the methods, freed per n
+            for method, editor in editors.items():
+                result = evaluate(editor, facts[: n * groups], n, generate=generate, unedited=unedited)
                 row = {"data": data_name, "target": target, "method": method, "n": n, "groups": groups,
                        "held_out_facts": cap, "edit_seconds": result["edit_seconds"], "peak_rss_mb": result["peak_rss_mb"]}
                 for key in METRICS:
@@ -45,6 +46,8 @@ def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, S
                 rows.append(row)
                 log(f"{data_name}/{target} {method} n={n}: ES {row['ES']:.3f} GS {row['GS']:.3f} LS {row['LS']:.3f} "
                     f"({row['edit_seconds']:.1f} s per edit)")
+        order = {m: i for i, m in enumerate(editors)}
+        rows[start:] = sorted(rows[start:], key=lambda r: (order[r["method"]], r["n"]))  # method by method
     return rows
 
 
