@@ -123,6 +123,22 @@ def test_train_continues_from_an_editor(workspace):
     assert meta["trainer"]["initialised_from"]["step"] == start and meta["trainer"]["train_config"]["c_loc"] == 3
 
 
+def test_train_moves_an_editor_to_other_layers(workspace):
+    w = workspace
+    if not (w / "run" / "best").exists():
+        pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
+    mods = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--init-editor", str(w / "run" / "best"), "--modules", *mods, "--eta-factor", "2",
+                 "--out", str(w / "moved"), "--n-edits", "8", "--steps", "100", "--max-minutes", "0.001",
+                 "--val-every", "1", "--val-n", "8", "--lm-batch-size", "4"]) == 0
+    meta = json.loads((w / "moved" / "last" / "editor.json").read_text())
+    assert meta["config"]["modules"] == mods and list(meta["shapes"]) == mods
+    assert meta["transplanted"]["eta_factor"] == 2 and meta["transplanted"]["sources"][mods[0]] == mods[0]
+    old = json.loads((w / "run" / "best" / "editor.json").read_text())
+    assert meta["config"]["hyper"] == old["config"]["hyper"]
+
+
 def test_bench_speed_and_scale(workspace, capsys):
     w = workspace
     out = w / "speed.json"

@@ -100,6 +100,25 @@ def test_save_and_load_roundtrip(tmp_path):
         MalmenEditor.from_pretrained(tmp_path / "ed", tiny.llama(inter=48), tok)
 
 
+def test_transplanted_editor_keeps_old_shifts_and_edits_new_layers():
+    """Each module's shift depends only on its own trace and parameters, so widening an editor
+    leaves the old modules' shifts as they were and gives the new ones their source's behaviour."""
+    model, tok = tiny.llama(layers=4), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(modules=["model.layers.3.mlp.down_proj"],
+                                                   hyper=HyperConfig(rank=4, eta_init=1.0)))
+    with torch.no_grad():
+        for p in editor.hypernet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    facts = tiny.facts(6)
+    before = editor.shifts(facts)
+    wide = editor.transplanted([f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)], eta_factor=0.5)
+    assert wide.hypernet is not editor.hypernet and editor.modules == ["model.layers.3.mlp.down_proj"]
+    after = wide.shifts(facts)
+    assert torch.allclose(after["model.layers.3.mlp.down_proj"], before["model.layers.3.mlp.down_proj"] * 0.5, atol=1e-6)
+    assert all(after[f"model.layers.{i}.mlp.down_proj"].abs().sum() > 0 for i in (1, 2))
+    assert wide.metadata["transplanted"]["sources"]["model.layers.1.mlp.down_proj"] == "model.layers.3.mlp.down_proj"
+
+
 def test_pickle_is_refused(tmp_path):
     import pickle
 

@@ -45,3 +45,47 @@ def test_every_parameter_gets_a_gradient_at_init():
             continue  # these get a gradient once V has moved off zero
         grad = p.grad[0] if name.endswith(("scale", "shift")) else p.grad  # module "a" is index 0
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def _trained(shapes, seed=0):
+    """A network whose every parameter and normaliser is off its initial value."""
+    torch.manual_seed(seed)
+    net = HyperNetwork(shapes, HyperConfig(rank=3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        for shape_net in net.nets.values():
+            shape_net.normaliser.update(torch.randn(50, shape_net.a + shape_net.b) * 2 + 1)
+    return net
+
+
+def test_transplant_keeps_old_modules_and_copies_sources():
+    from malmen.hypernet import nearest_sources
+
+    old_shapes = {"l2": (6, 4), "l3": (6, 4), "x": (5, 3)}
+    old = _trained(old_shapes)
+    new_shapes = {"l0": (6, 4), "l1": (6, 4), "l2": (6, 4), "l3": (6, 4), "x": (5, 3)}
+    order = ["l0", "l1", "l2", "l3", "x"]
+    sources = nearest_sources(order, new_shapes, old_shapes)
+    assert sources == {"l0": "l2", "l1": "l2", "l2": "l2", "l3": "l3", "x": "x"}
+    new = old.transplant(new_shapes, sources, eta_factor=0.5)
+    for name in new_shapes:
+        a, b = new_shapes[name]
+        k, g = torch.randn(7, a), torch.randn(7, b)
+        for got, want in zip(new(name, k, g), old(sources[name], k, g)):
+            assert torch.equal(got, want), name
+        assert torch.allclose(new.eta(name), old.eta(sources[name]) * 0.5)
+        assert torch.equal(new.lam(name), old.lam(sources[name]))
+    # the copy is independent of the original
+    new.nets["6x4"].blocks[0].V.data.zero_()
+    assert old.nets["6x4"].blocks[0].V.abs().sum() > 0
+
+
+def test_transplant_refuses_a_wrong_source():
+    import pytest
+
+    old = _trained({"a": (6, 4), "b": (5, 3)})
+    with pytest.raises(ValueError, match="shape"):
+        old.transplant({"c": (6, 4)}, {"c": "b"})
+    with pytest.raises(ValueError, match="not one of"):
+        old.transplant({"c": (6, 4)}, {"c": "zz"})

@@ -72,8 +72,10 @@ def cmd_train(args) -> int:
                           hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
                           lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size)
     try:
-        if args.init_editor:  # its modules, rank and aggregation win over the flags
+        if args.init_editor:  # its rank and aggregation win over the flags
             editor = MalmenEditor.from_pretrained(args.init_editor, model, tok)
+            if args.modules and list(args.modules) != editor.modules:
+                editor = editor.transplanted(args.modules, args.eta_factor)
             editor.config.lm_batch_size, editor.config.hyper_batch_size = args.lm_batch_size, args.hyper_batch_size
             config = editor.config
         else:
@@ -391,7 +393,10 @@ def parser() -> argparse.ArgumentParser:
                    help="aggregation: malmen (normal equation) or mend (= sum, MEND's)")
     t.add_argument("--init-editor", help="continue meta-training this editor (directory or shipped name) with new settings; "
                    "a run directory's last/ still takes precedence")
-    t.add_argument("--modules", nargs="+", help="edited linear layers (default: MLP output of the last 6 blocks)")
+    t.add_argument("--modules", nargs="+", help="edited linear layers (default: MLP output of the last 6 blocks); "
+                   "with --init-editor, the editor is moved to these, each new one starting as the editor's nearest layer")
+    t.add_argument("--eta-factor", type=float, default=1.0,
+                   help="with --init-editor and new --modules: scale every step by this (e.g. 0.5 for twice the layers)")
     t.add_argument("--rank", type=int, default=256)
     t.add_argument("--blocks", type=int, default=2)
     t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")

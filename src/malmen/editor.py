@@ -19,7 +19,7 @@ from torch import nn
 
 from . import io, linear
 from .facts import Fact
-from .hypernet import HyperConfig, HyperNetwork, shapes_of
+from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .adapters import Adapter, Batch, adapter_for
 from .models import model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS
@@ -189,6 +189,23 @@ class MalmenEditor:
     def edit(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> EditHandle:
         """Apply one aggregated update for all facts; the handle reverts it exactly."""
         return EditHandle(self.model, self.shifts(facts, progress))
+
+    def transplanted(self, modules: Sequence[str], eta_factor: float = 1.0) -> "MalmenEditor":
+        """This editor moved to other ``modules`` of the same model, to continue meta-training.
+
+        Each module starts as the trained module of the same shape nearest to it in the model
+        (see ``HyperNetwork.transplant``); ``eta_factor`` scales every step.
+        """
+        modules = self.adapter.check_modules(list(modules))
+        shapes = shapes_of(self.model, modules)
+        order = [name for name, _ in self.model.named_modules()]
+        sources = nearest_sources(order, shapes, self.hypernet.shapes)
+        config = EditorConfig.from_dict({**self.config.to_dict(), "modules": modules})
+        editor = MalmenEditor(self.model, self.adapter.tokenizer, config,
+                              self.hypernet.transplant(shapes, sources, eta_factor), self.adapter)
+        editor.metadata = {**self.metadata, "transplanted": {"from": self.modules, "sources": sources,
+                                                             "eta_factor": eta_factor}}
+        return editor
 
     # --- persistence (safetensors + JSON, Hugging Face style)
     def save_pretrained(self, path: str | Path, extra: dict | None = None,

@@ -139,6 +139,54 @@ class HyperNetwork(nn.Module):
     def network_parameters(self) -> list[nn.Parameter]:
         return list(self.nets.parameters())
 
+    @torch.no_grad()
+    def transplant(self, shapes: dict[str, tuple[int, int]], source: dict[str, str],
+                   eta_factor: float = 1.0) -> "HyperNetwork":
+        """A network for other modules that starts where this one is.
+
+        Module ``m`` of ``shapes`` takes the per-module scale, shift, step and lambda of this
+        network's module ``source[m]`` (same shape); the shared shape networks and normalisers are
+        copied.  ``eta_factor`` scales every step, e.g. to share one edit among more layers.  Used to
+        widen a trained editor to more layers without starting meta-training over.
+        """
+        for name, (a, b) in shapes.items():
+            origin = source.get(name)
+            if origin not in self.shapes:
+                raise ValueError(f"module {name}: source {origin!r} is not one of this editor's modules")
+            if tuple(self.shapes[origin]) != (a, b):
+                raise ValueError(f"module {name} has shape {(a, b)}, its source {origin} {self.shapes[origin]}")
+        new = HyperNetwork(shapes, self.config)
+        for key, net in new.nets.items():
+            shared = {k: v for k, v in self.nets[key].state_dict().items() if not k.endswith((".scale", ".shift"))}
+            net.load_state_dict(shared, strict=False)  # per-module rows of scale and shift: below
+        for name in new.module_names:
+            key, i = new.index[name]
+            _, j = self.index[source[name]]
+            for block, old in zip(new.nets[key].blocks, self.nets[key].blocks):
+                block.scale[i] = old.scale[j]
+                block.shift[i] = old.shift[j]
+            p, q = new.position(name), self.position(source[name])
+            new.log_eta[p] = self.log_eta[q] + math.log(eta_factor)
+            new.log_lambda[p] = self.log_lambda[q]
+        return new
+
+
+def nearest_sources(order: Sequence[str], shapes: dict[str, tuple[int, int]],
+                    old_shapes: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """For each new module, the old module of the same shape nearest to it in ``order``.
+
+    ``order`` lists module names as the model declares them (``named_modules``), so "nearest"
+    means the closest layer without parsing any architecture-specific name.
+    """
+    rank = {name: i for i, name in enumerate(order)}
+    sources = {}
+    for name, shape in shapes.items():
+        same = [o for o, s in old_shapes.items() if tuple(s) == tuple(shape)]
+        if not same:
+            raise ValueError(f"module {name}: the editor has no module of shape {tuple(shape)}")
+        sources[name] = min(same, key=lambda o: (abs(rank[o] - rank[name]), -rank[o]))
+    return sources
+
 
 def shapes_of(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
     from . import linear
