@@ -81,6 +81,9 @@ def test_unknown_editor_and_module_exit_2(workspace, tmp_path):
     r = run_cli("train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--no-split",
                 "--out", str(tmp_path / "run"), "--modules", "model.layers.0.mlp.nope", "--steps", "1")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--no-split",
+                "--out", str(tmp_path / "run"), "--eta-factor", "0.5", "--steps", "1")
+    assert r.returncode == 2 and "--eta-factor needs --init-editor" in r.stderr and not (tmp_path / "run").exists()
 
 
 def test_eval_fine_tuning_baseline(workspace):

@@ -59,6 +59,8 @@ def cmd_train(args) -> int:
     from .hypernet import HyperConfig
     from .train import TrainConfig, Trainer
 
+    if args.eta_factor != 1.0 and not (args.init_editor and args.modules):
+        raise UsageError("--eta-factor needs --init-editor and --modules (it scales the steps of a moved editor)")
     _torch_setup(args)
     train = []
     for path in args.data:
