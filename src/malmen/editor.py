@@ -203,7 +203,7 @@ class MalmenEditor:
         config = EditorConfig.from_dict({**self.config.to_dict(), "modules": modules})
         editor = MalmenEditor(self.model, self.adapter.tokenizer, config,
                               self.hypernet.transplant(shapes, sources, eta_factor), self.adapter)
-        editor.metadata = {**self.metadata, "transplanted": {"from": self.modules, "sources": sources,
+        editor.metadata = {**self.metadata, "transplanted": {"from": list(self.modules), "sources": sources,
                                                              "eta_factor": eta_factor}}
         return editor
 

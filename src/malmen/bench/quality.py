@@ -1,9 +1,9 @@
 """``malmen bench quality``: ES/GS/LS of several editors as the number of facts edited at once grows.
 
 For every data file, target (counterfactual ``new`` or ``true`` answer), method and n, edits
-``max(1, facts_per_point // n)`` consecutive groups of n
-held-out facts (each group into the unedited model, reverted afterwards) and records every metric
-of evaluate.METRICS, unedited beside edited, the edit time and the peak memory.  Writes
+``max(1, facts_per_point // n)`` consecutive groups of n held-out facts (each group into the
+unedited model, reverted afterwards) and records every metric of evaluate.METRICS, unedited
+beside edited, the edit time and the peak memory.  Writes
 ``results.json``, ``results.csv``, ``results.md`` and, when matplotlib is installed, ``results.png``.
 """
 from __future__ import annotations
