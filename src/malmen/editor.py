@@ -31,6 +31,8 @@ VERSION = 1
 
 @dataclass
 class EditorConfig:
+    """What an editor edits and how; saved in editor.json beside the weights."""
+
     modules: list[str] = field(default_factory=list)   # empty: the adapter's default
     aggregation: str = "malmen"                         # 'malmen' or 'sum' (MEND)
     hyper: HyperConfig = field(default_factory=HyperConfig)
@@ -150,10 +152,12 @@ class MalmenEditor:
         return self.config.modules
 
     def new_aggregators(self) -> dict:
+        """Empty sufficient statistics (solver.py), one per edited module."""
         cls = AGGREGATIONS[self.config.aggregation]
         return {name: cls(*self.hypernet.shapes[name], device=self.adapter.device) for name in self.modules}
 
     def batches(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[Batch]:
+        """Teacher-forced LM micro-batches of ``facts``, grouped by length to waste little padding."""
         for group in bucketed(facts, self.config.lm_batch_size, lambda f: len(prompt(f)) + len(f.target)):
             yield self.adapter.batch([prompt(f) for f in group], [f.target for f in group])
 
@@ -169,6 +173,7 @@ class MalmenEditor:
                     aggregators[name].accumulate(ks, pk, pg, eta)
 
     def solve(self, aggregators: dict) -> dict[str, torch.Tensor]:
+        """Each module's shift from its accumulated statistics and its learned lambda."""
         with torch.no_grad():
             return {name: aggregators[name].solve(self.hypernet.lam(name)) for name in self.modules}
 

@@ -18,6 +18,8 @@ from torch import nn
 
 @dataclass
 class HyperConfig:
+    """Size and initial scalars of the hyper-network; saved in editor.json."""
+
     rank: int = 256           # low rank r of every block (paper: 1920 for GPT-J)
     n_blocks: int = 2
     eta_init: float = 1e-3    # initial step; training re-initialises it by a line search
@@ -189,6 +191,7 @@ def nearest_sources(order: Sequence[str], shapes: dict[str, tuple[int, int]],
 
 
 def shapes_of(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(key size, value size) of each named linear module of ``model``."""
     from . import linear
 
     return {name: linear.dims(model.get_submodule(name)) for name in names}

@@ -44,19 +44,30 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Atomically write JSON (temp file in the same directory, then rename)."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it replaces ``path`` in one rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write a text file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomically write JSON."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -33,6 +33,8 @@ from .tracing import KeyGradTrace
 
 @dataclass
 class TrainConfig:
+    """Meta-training settings; saved with every checkpoint, so a run can be reproduced."""
+
     n_edits: int = 64            # facts edited at once per step
     steps: int = 1000
     lr: float = 1e-4             # Adam, hyper-network weights
@@ -188,11 +190,13 @@ class Trainer:
 
     # --- validation and checkpoints
     def validate(self) -> dict:
+        """Edit the validation facts at once; the score is the mean of ES, GS and LS."""
         result = evaluate(self.editor, self.val, n_edits=len(self.val), generate=False)
         result["score"] = (result["ES"] + result["GS"] + result["LS"]) / 3
         return result
 
     def save(self, name: str, with_optimizer: bool) -> None:
+        """Write the editor (and the Adam state, to resume) to ``out/name``, atomically."""
         state = {"step": self.step_index, "best": self.best, "train_config": asdict(self.config),
                  "history": self.history[-200:]}
         if self.initialised_from is not None:
@@ -241,6 +245,7 @@ class Trainer:
         return True
 
     def fit(self, progress: Callable[[int, dict], None] | None = None) -> dict:
+        """Train until ``steps`` or ``max_minutes``, validating every ``val_every`` steps."""
         cfg = self.config
         start = time.perf_counter()
         while self.step_index < cfg.steps:

@@ -13,6 +13,7 @@ ADAPTERS: list[type[Adapter]] = [Seq2SeqAdapter, ClassifierAdapter, CausalLMAdap
 
 
 def adapter_for(model: nn.Module, tokenizer) -> Adapter:
+    """The adapter for ``model``: the first in ``ADAPTERS`` whose ``matches`` holds."""
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls(model, tokenizer)

@@ -9,11 +9,12 @@ beside edited, the edit time and the peak memory.  Writes
 from __future__ import annotations
 
 import csv
-import json
+import io as textio
 import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .. import io
 from ..evaluate import METRICS, evaluate
 from ..facts import Fact
 
@@ -69,14 +70,13 @@ def pivot(rows: list[dict]) -> list[str]:
 
 
 def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    """results.json, .csv, .md (and .png with matplotlib) in ``out``.
+
+    All text is formatted before anything is written, and each file is replaced atomically."""
+    table = textio.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
     lines = [f"Command: `{command}`", "",
              "| data | target | method | n | ES | GS | LS | ES_exact | GS_exact | LS_data | edit s | unedited ES/GS |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -85,7 +85,11 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
                      f"{r.get('ES_exact', math.nan):.3f} | {r.get('GS_exact', math.nan):.3f} | {r.get('LS_data', math.nan):.3f} | "
                      f"{r['edit_seconds']:.1f} | {r['before_ES']:.3f}/{r['before_GS']:.3f} |")
     lines += ["", "ES / GS / LS by number of facts edited at once:", ""] + pivot(rows)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / "results.json", {"command": command, "rows": rows})
+    io.write_text(out / "results.csv", table.getvalue())
+    io.write_text(out / "results.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -110,5 +114,6 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=110)
+    with io.atomic_file(out / "results.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
