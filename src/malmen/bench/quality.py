@@ -9,8 +9,8 @@ beside edited, the edit time and the peak memory.  Writes
 from __future__ import annotations
 
 import csv
-import io as textio
 import math
+from io import StringIO
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -73,7 +73,7 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
     """results.json, .csv, .md (and .png with matplotlib) in ``out``.
 
     All text is formatted before anything is written, and each file is replaced atomically."""
-    table = textio.StringIO(newline="")
+    table = StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
