@@ -8,20 +8,17 @@ S_l = K_l^T alpha / lambda_l with alpha = (sum_l K_l K_l^T / lambda_l + I)^-1 D,
 system.  The hyper-network was trained for one solve per layer, not for this.  Evaluation as in
 rounds.py.  Not part of the library: it did not help.
 """
-import json
 import sys
 
 import torch
 
-from malmen import EditHandle, MalmenEditor, load_facts, load_model
+from heldout import load, report
+from malmen import EditHandle
 from malmen.editor import trace
-from malmen.evaluate import evaluate, table
 from malmen.solver import value_differences
 
-ZSRE = "../shared/data/zsre/zsre_mend_eval_with_subject.json"
 editor_name, n, scale, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-model, tok = load_model("smollm2-135m")
-editor = MalmenEditor.from_pretrained(editor_name, model, tok)
+model, editor = load(editor_name)
 hyper = editor.hypernet
 
 
@@ -48,8 +45,4 @@ def joint_edit(facts, progress=None):
 
 
 editor.edit = joint_edit
-facts = list(load_facts(ZSRE, target="new", split="val"))[512:512 + n]
-result = evaluate(editor, facts, n, generate=False)
-print(table(result))
-with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+report(editor, n, out)

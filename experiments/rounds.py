@@ -5,16 +5,13 @@
 Edits held-out zsRE validation facts 512.. (as ``malmen eval --split val --skip 512``) in one
 group of n and prints the same table as ``malmen eval``.  Not part of the library: it did not help.
 """
-import json
 import sys
 
-from malmen import EditHandle, MalmenEditor, load_facts, load_model
-from malmen.evaluate import evaluate, table
+from heldout import load, report
+from malmen import EditHandle
 
-ZSRE = "../shared/data/zsre/zsre_mend_eval_with_subject.json"
 editor_name, rounds, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-model, tok = load_model("smollm2-135m")
-editor = MalmenEditor.from_pretrained(editor_name, model, tok)
+model, editor = load(editor_name)
 
 
 def edit_in_rounds(facts, progress=None):
@@ -29,8 +26,4 @@ def edit_in_rounds(facts, progress=None):
 
 
 editor.edit = edit_in_rounds
-facts = list(load_facts(ZSRE, target="new", split="val"))[512:512 + n]
-result = evaluate(editor, facts, n, generate=False)
-print(table(result))
-with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+report(editor, n, out)

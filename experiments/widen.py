@@ -6,11 +6,10 @@
 """
 import sys
 
-from malmen import MalmenEditor, load_model
+from heldout import load
 
 source, out, first, eta_factor = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-model, tok = load_model("smollm2-135m")
-editor = MalmenEditor.from_pretrained(source, model, tok)
+model, editor = load(source)
 modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, model.config.num_hidden_layers)]
 editor.transplanted(modules, eta_factor).save_pretrained(out)
 print(f"wrote {out}: {len(modules)} modules")
