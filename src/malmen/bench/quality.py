@@ -114,6 +114,8 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    with io.atomic_file(out / "results.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with io.atomic_file(out / "results.png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
