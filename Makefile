@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ZSRE  ?= ../shared/data/zsre/zsre_mend_eval_with_subject.json
 N     ?= 128
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean gpu-smoke
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ test: setup
 demo: setup
 	$(VENV)/bin/malmen edit --editor smollm2-zsre --facts examples/facts.jsonl --show 4
 	$(VENV)/bin/malmen eval --editor smollm2-zsre --data $(ZSRE) --split val --skip 128 --n-edits $(N) --out results/demo.json
+
+gpu-smoke: setup   # on a machine with a CUDA device (scripts/gpu-smoke)
+	PYTHON=$(PY) scripts/gpu-smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -117,3 +117,20 @@ def test_load_model_picks_the_family_from_the_config(tmp_path, build, expected):
     tiny.tokenizer().save_pretrained(tmp_path / "m")
     model, _ = load_model(str(tmp_path / "m"))
     assert type(model).__name__ == expected and not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2"])
+def test_answer_logits_are_the_models_own_after_its_output_processing(family):
+    """Logit scaling (Granite, Cohere) and final soft-capping (Gemma 2) happen after the head:
+    the adapter's logits at the answer positions must equal ``model(...).logits`` there."""
+    model, tok = tiny.causal(family), tiny.tokenizer()
+    adapter = adapter_for(model, tok)
+    batch = adapter.batch(["what is the capital of w1", "who wrote w7 and w9"], ["paris rome", "alpha"])
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.mask]
+        ours = adapter.answer_logits(batch)
+    assert ours.shape == full.shape
+    torch.testing.assert_close(ours, full.float(), rtol=1e-5, atol=1e-5)
+    # the processing matters here: the raw head output differs from the model's logits
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    assert not torch.allclose(model.get_output_embeddings()(hidden[batch.mask]), full, atol=1e-3)

@@ -1,12 +1,17 @@
+"""The command line on a tiny model.  Every test builds what it needs through fixtures, so any
+subset, in any order, runs the same."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import tiny
 from malmen.cli import main
+
+TRAIN = ["--rank", "8", "--n-edits", "8", "--val-n", "8", "--lm-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -18,40 +23,69 @@ def workspace(tmp_path_factory):
     return root
 
 
-def test_train_edit_eval_end_to_end(workspace, capsys):
+@pytest.fixture(scope="module")
+def trained(workspace):
+    """A run directory trained for 6 steps (validated at steps 3 and 6)."""
     w = workspace
-    common = ["--model", str(w / "model")]
-    assert main(["train", *common, "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
-                 "--out", str(w / "run"), "--rank", "8", "--n-edits", "8", "--steps", "6", "--val-every", "3",
-                 "--val-n", "8", "--lm-batch-size", "4"]) == 0
-    assert (w / "run" / "best" / "editor.json").is_file() and (w / "run" / "last" / "optimizer.safetensors").is_file()
-    log = [json.loads(l) for l in open(w / "run" / "train_log.jsonl")]
-    assert [r["step"] for r in log] == list(range(1, 7)) and "val_ES" in log[2]
+    assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--out", str(w / "run"), "--steps", "6", "--val-every", "3", *TRAIN]) == 0
+    return w / "run"
 
-    out = w / "edited"
-    assert main(["edit", *common, "--editor", str(w / "run" / "best"), "--facts", str(w / "val.jsonl"),
+
+def load_tiny(workspace):
+    from malmen.models import load_model
+
+    return load_model(str(workspace / "model"))
+
+
+def test_train_writes_best_last_and_one_log_line_per_step(trained):
+    assert (trained / "best" / "editor.json").is_file() and (trained / "last" / "optimizer.safetensors").is_file()
+    log = [json.loads(line) for line in open(trained / "train_log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert [("val_ES" in r) for r in log] == [False, False, True, False, False, True]
+
+
+def test_edit_saves_a_model_that_transformers_reloads(workspace, trained, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from malmen.datasets import load_facts
+    from malmen.editor import MalmenEditor
+
+    w, out = workspace, workspace / "edited"
+    assert main(["edit", "--model", str(w / "model"), "--editor", str(trained / "best"), "--facts", str(w / "val.jsonl"),
                  "--out", str(out), "--show", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "before:" in printed and "after:" in printed and "edited 16 facts at once" in printed
-    from transformers import AutoModelForCausalLM
+    assert printed.count("before:") == 2 and printed.count("after:") == 2 and "edited 16 facts at once" in printed
     edited = AutoModelForCausalLM.from_pretrained(out)
+    # the reference: the same edit in this process
+    model, tok = load_tiny(w)
+    MalmenEditor.from_pretrained(trained / "best", model, tok).edit(load_facts(w / "val.jsonl"))
     base = AutoModelForCausalLM.from_pretrained(w / "model")
-    differ = [n for n, p in edited.named_parameters() if not torch.equal(p, base.get_parameter(n))]
-    assert differ and all("mlp.down_proj" in n for n in differ)
+    changed = [n for n, p in edited.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed and all("mlp.down_proj" in n for n in changed)
+    assert all(torch.equal(p, model.get_parameter(n)) for n, p in edited.named_parameters())
 
-    results = w / "results.json"
-    assert main(["eval", *common, "--editor", str(w / "run" / "best"), "--data", str(w / "val.jsonl"),
+
+def test_eval_reports_what_the_library_computes(workspace, trained):
+    from malmen.datasets import load_facts
+    from malmen.editor import MalmenEditor
+    from malmen.evaluate import evaluate
+
+    w, results = workspace, workspace / "results.json"
+    assert main(["eval", "--model", str(w / "model"), "--editor", str(trained / "best"), "--data", str(w / "val.jsonl"),
                  "--n-edits", "8", "--groups", "2", "--out", str(results)]) == 0
     r = json.loads(results.read_text())
-    for key in ("ES", "GS", "LS", "ES_exact", "GS_gen", "LS_data"):
-        assert 0.0 <= r[key] <= 1.0 and 0.0 <= r["before"][key] <= 1.0
-    assert r["n_edits"] == 8 and r["n_facts"] == 16 and r["before"]["LS"] == 1.0
+    assert r["n_edits"] == 8 and r["n_facts"] == 16 and r["method"] == "malmen" and r["before"]["LS"] == 1.0
+    model, tok = load_tiny(w)
+    reference = evaluate(MalmenEditor.from_pretrained(trained / "best", model, tok), list(load_facts(w / "val.jsonl")), 8)
+    for key in ("ES", "GS", "LS", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data"):
+        assert r[key] == reference[key] and r["before"][key] == reference["before"][key], key
 
 
 def test_resume_continues_from_last(workspace):
     w = workspace
     args = ["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
-            "--rank", "8", "--n-edits", "8", "--val-every", "2", "--val-n", "8", "--lm-batch-size", "4"]
+            "--val-every", "2", *TRAIN]
     assert main([*args, "--out", str(w / "full"), "--steps", "4"]) == 0
     assert main([*args, "--out", str(w / "resumed"), "--steps", "2"]) == 0
     assert main([*args, "--out", str(w / "resumed"), "--steps", "4"]) == 0
@@ -65,13 +99,25 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "malmen.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_bad_input_is_one_line_exit_2(workspace, tmp_path):
+def test_bad_facts_are_reported_before_the_model_is_loaded(trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c"}\n')
-    r = run_cli("edit", "--model", str(workspace / "model"), "--editor", "x", "--facts", str(bad), "--out", str(tmp_path / "o"))
+    # a model that does not exist: had it been loaded first, its error would be the one reported
+    r = run_cli("edit", "--model", str(tmp_path / "no-model"), "--editor", str(trained / "best"), "--facts", str(bad),
+                "--out", str(tmp_path / "o"))
     assert r.returncode == 2
-    assert r.stderr.strip() == f"malmen: error: {bad}: record 1: field 'target': missing"
+    assert r.stderr.strip() == f"malmen: error: {bad}: record 2: field 'target': missing"
     assert not (tmp_path / "o").exists()
+
+
+def test_unknown_editor_fails_in_under_three_seconds(tmp_path):
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "The capital of France is", "target": "Lyon"}\n')
+    start = time.perf_counter()
+    r = run_cli("edit", "--editor", "smollm2-zsree", "--facts", str(facts), "--out", str(tmp_path / "o"))  # the default model
+    seconds = time.perf_counter() - start
+    assert r.returncode == 2 and "smollm2-zsree: no editor.json there and no shipped editor" in r.stderr
+    assert seconds < 3.0 and "Traceback" not in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_unknown_editor_and_module_exit_2(workspace, tmp_path):
@@ -86,23 +132,35 @@ def test_unknown_editor_and_module_exit_2(workspace, tmp_path):
     assert r.returncode == 2 and "--eta-factor needs --init-editor" in r.stderr and not (tmp_path / "run").exists()
 
 
-def test_eval_fine_tuning_baseline(workspace):
-    w = workspace
-    out = w / "ft.json"
+def test_method_and_editor_must_agree(workspace, trained):
+    r = run_cli("eval", "--model", str(workspace / "no-model"), "--method", "mend", "--editor", str(trained / "best"),
+                "--data", str(workspace / "val.jsonl"))
+    assert r.returncode == 2 and "trained with 'malmen' aggregation" in r.stderr and "--method malmen" in r.stderr
+    r = run_cli("edit", "--model", str(workspace / "no-model"), "--facts", str(workspace / "val.jsonl"))
+    assert r.returncode == 2 and "give a trained editor" in r.stderr
+
+
+def test_eval_fine_tuning_baseline_reports_what_the_library_computes(workspace):
+    from malmen.baselines import FineTuneConfig, FineTuneEditor
+    from malmen.datasets import load_facts
+    from malmen.evaluate import evaluate
+
+    w, out = workspace, workspace / "ft.json"
     assert main(["eval", "--model", str(w / "model"), "--method", "ft-l", "--data", str(w / "val.jsonl"),
-                 "--n-edits", "8", "--ft-steps", "3", "--no-generate", "--out", str(out)]) == 0
+                 "--n-edits", "8", "--ft-steps", "3", "--ft-linf", "1e-3", "--no-generate", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["method"] == "ft-l" and r["n_edits"] == 8 and 0.0 <= r["ES"] <= 1.0
+    model, tok = load_tiny(w)
+    editor = FineTuneEditor(model, tok, FineTuneConfig(steps=3, lr=5e-3, linf=1e-3))
+    reference = evaluate(editor, list(load_facts(w / "val.jsonl"))[:8], 8, generate=False)
+    assert r["method"] == "ft-l" and r["n_edits"] == 8
+    assert all(r[k] == reference[k] for k in ("ES", "GS", "LS", "LS_data"))
 
 
-def test_bench_quality_writes_json_csv_markdown(workspace):
-    w = workspace
-    if not (w / "run" / "best").exists():
-        pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
-    out = w / "bench"
-    assert main(["bench", "quality", "--model", str(w / "model"), "--methods", f"malmen={w / 'run' / 'best'}", "ft",
-                 "--data", f"tiny={w / 'val.jsonl'}", "--split", "train", "--n", "1", "4", "64", "--facts-per-point", "8", "--targets", "new",
-                 "--no-generate", "--ft-steps", "2", "--out", str(out)]) == 0
+def test_bench_quality_writes_json_csv_markdown(workspace, trained):
+    w, out = workspace, workspace / "bench"
+    assert main(["bench", "quality", "--model", str(w / "model"), "--methods", f"malmen={trained / 'best'}", "ft",
+                 "--data", f"tiny={w / 'val.jsonl'}", "--split", "train", "--n", "1", "4", "64", "--facts-per-point", "8",
+                 "--targets", "new", "--no-generate", "--ft-steps", "2", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {(r["method"], r["n"]) for r in rows} == {("malmen", 1), ("malmen", 4), ("ft", 1), ("ft", 4)}
     assert next(r for r in rows if r["n"] == 4)["groups"] == 2
@@ -112,61 +170,56 @@ def test_bench_quality_writes_json_csv_markdown(workspace):
     assert "| data | target | method | n = 1 | n = 4 |" in md and "| tiny | new | unedited |" in md
 
 
-def test_train_continues_from_an_editor(workspace):
+def test_train_continues_from_an_editor(workspace, trained):
     w = workspace
-    if not (w / "run" / "best").exists():
-        pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
-    start = json.loads((w / "run" / "best" / "editor.json").read_text())["trainer"]["step"]
+    start = json.loads((trained / "best" / "editor.json").read_text())["trainer"]["step"]
     assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
-                 "--init-editor", str(w / "run" / "best"), "--out", str(w / "more"), "--n-edits", "8",
+                 "--init-editor", str(trained / "best"), "--out", str(w / "more"), "--n-edits", "8",
                  "--steps", str(start + 2), "--val-every", "2", "--val-n", "8", "--lm-batch-size", "4", "--c-loc", "3"]) == 0
-    log = [json.loads(l) for l in open(w / "more" / "train_log.jsonl")]
+    log = [json.loads(line) for line in open(w / "more" / "train_log.jsonl")]
     assert [r["step"] for r in log] == [start + 1, start + 2]
     meta = json.loads((w / "more" / "last" / "editor.json").read_text())
     assert meta["trainer"]["initialised_from"]["step"] == start and meta["trainer"]["train_config"]["c_loc"] == 3
 
 
-def test_train_moves_an_editor_to_other_layers(workspace):
+def test_train_moves_an_editor_to_other_layers(workspace, trained):
     w = workspace
-    if not (w / "run" / "best").exists():
-        pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
     mods = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
     assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
-                 "--init-editor", str(w / "run" / "best"), "--modules", *mods, "--eta-factor", "2",
+                 "--init-editor", str(trained / "best"), "--modules", *mods, "--eta-factor", "2",
                  "--out", str(w / "moved"), "--n-edits", "8", "--steps", "100", "--max-minutes", "0.001",
                  "--val-every", "1", "--val-n", "8", "--lm-batch-size", "4"]) == 0
     meta = json.loads((w / "moved" / "last" / "editor.json").read_text())
     assert meta["config"]["modules"] == mods and list(meta["shapes"]) == mods
     assert meta["transplanted"]["eta_factor"] == 2 and meta["transplanted"]["sources"][mods[0]] == mods[0]
-    old = json.loads((w / "run" / "best" / "editor.json").read_text())
+    old = json.loads((trained / "best" / "editor.json").read_text())
     assert meta["config"]["hyper"] == old["config"]["hyper"]
 
 
-def test_bench_speed_and_scale(workspace, capsys):
+def test_bench_speed_and_scale(workspace):
     w = workspace
     out = w / "speed.json"
     assert main(["bench", "speed", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--no-split",
                  "--edit-facts", "16", "--train-n", "8", "--steps", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    for key in ("edit_facts_per_s", "limit_facts_per_s", "edit_ratio", "train_step_s", "train_step_bound_s", "train_ratio"):
-        assert r[key] > 0, key
+    assert r["n_facts"] == 16 and r["device"] == "cpu" and [t["n_edits"] for t in r["train"]] == [8]
     assert r["edit_ratio"] == pytest.approx(r["edit_facts_per_s"] / r["limit_facts_per_s"])
+    assert r["train_ratio"] == pytest.approx(r["train_step_s"] / r["train_step_bound_s"])
     out = w / "scale.json"
     assert main(["bench", "scale", "--model", str(w / "model"), "--n", "20", "200", "--lm-batch-size", "8",
                  "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert [p["n"] for p in r["points"]] == [20, 200] and r["rss_ratio"] > 0
-    assert all(p["peak_rss_mb"] > 0 and p["seconds"] > 0 for p in r["points"])
+    assert [p["n"] for p in r["points"]] == [20, 200]
+    assert r["rss_ratio"] == pytest.approx(r["points"][1]["peak_rss_mb"] / r["points"][0]["peak_rss_mb"])
 
 
-def test_edit_dry_run_checks_estimates_and_writes_nothing(workspace, capsys):
+def test_edit_dry_run_checks_estimates_and_writes_nothing(workspace, trained, capsys):
     w = workspace
-    if not (w / "run" / "best").exists():
-        pytest.skip("needs the editor trained by test_train_edit_eval_end_to_end")
-    assert main(["edit", "--model", str(w / "model"), "--editor", str(w / "run" / "best"), "--facts", str(w / "val.jsonl"),
+    assert main(["edit", "--model", str(w / "model"), "--editor", str(trained / "best"), "--facts", str(w / "val.jsonl"),
                  "--out", str(w / "dry"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "dry run: 16 facts" in printed and "sums KᵀK/KᵀD" in printed and "estimated time" in printed
+    assert "plus" in printed and "for the solve" in printed
     assert not (w / "dry").exists()
 
 
@@ -183,4 +236,9 @@ def test_edit_with_a_fine_tuning_baseline_saves_a_bounded_change(workspace, tmp_
                if not torch.equal(p, base.get_parameter(n))]
     # FT-L bounds the shift; the weight change is that shift (transposed into the weight's layout)
     assert changes and max(changes) <= 1e-3 + 1e-6
-    assert main(["edit", "--model", str(w / "model"), "--facts", str(w / "val.jsonl")]) == 2   # no editor, no method
+
+
+def test_help_shows_defaults():
+    r = run_cli("train", "--help")
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert r.returncode == 0 and "(default: 256)" in text and "(default: smollm2-135m)" in text

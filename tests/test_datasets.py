@@ -51,16 +51,19 @@ def test_split_is_fixed_and_disjoint():
 
 BAD = [
     ("truncated.json", '[{"prompt": "a", "target": "b"}', None, None, "invalid JSON"),
-    ("bad.jsonl", '{"prompt": "a", "target": "b"}\n{"prompt": "a" "target"}\n', 1, None, "invalid JSON"),
-    ("type.jsonl", '{"prompt": 3, "target": "b"}\n', 0, "prompt", "expected a string"),
-    ("missing.jsonl", '{"prompt": "a", "target": "b"}\n{"prompt": "a", "target": null, "x": 1}\n', 1, "target", "missing"),
-    ("empty_field.jsonl", '{"prompt": "  ", "target": "b"}\n', 0, "prompt", "empty"),
+    ("bad.jsonl", '{"prompt": "a", "target": "b"}\n{"prompt": "a" "target"}\n', 2, None, "invalid JSON"),
+    ("type.jsonl", '{"prompt": 3, "target": "b"}\n', 1, "prompt", "expected a string"),
+    ("missing.jsonl", '{"prompt": "a", "target": "b"}\n{"prompt": "a", "target": null, "x": 1}\n', 2, "target", "missing"),
+    ("empty_field.jsonl", '{"prompt": "  ", "target": "b"}\n', 1, "prompt", "empty"),
     ("empty.jsonl", "\n\n", None, None, "no facts"),
-    ("notobj.jsonl", '["prompt", "target"]\n', 0, None, "JSON object"),
-    ("unknown.jsonl", '{"question": "a", "answer": "b"}\n', 0, None, "unknown fact format"),
-    ("rephrase.jsonl", '{"prompt": "a", "target": "b", "rephrases": ["x", 2]}\n', 0, "rephrases[1]", "non-empty string"),
-    ("loc.jsonl", '{"prompt": "a", "target": "b", "locality_prompt": "c"}\n', 0, "locality_answer", "missing"),
-    ("zsre.json", json.dumps([{"src": "a", "alt": "b", "answers": [], "rephrase": "c", "loc": "d", "loc_ans": "e"}]), 0, "answers", "empty list"),
+    ("notobj.jsonl", '["prompt", "target"]\n', 1, None, "JSON object"),
+    ("unknown.jsonl", '{"question": "a", "answer": "b"}\n', 1, None, "unknown fact format"),
+    ("rephrase.jsonl", '{"prompt": "a", "target": "b", "rephrases": ["x", 2]}\n', 1, "rephrases[1]", "non-empty string"),
+    ("loc.jsonl", '{"prompt": "a", "target": "b", "locality_prompt": "c"}\n', 1, "locality_answer", "missing"),
+    ("zsre.json", json.dumps([{"src": "a", "alt": "b", "answers": [], "rephrase": "c", "loc": "d", "loc_ans": "e"}]), 1, "answers", "empty list"),
+    # the first record lacks its target: named as the missing field, not as an unknown format
+    ("first.jsonl", '{"prompt": "a"}\n{"prompt": "c", "target": "d"}\n', 1, "target", "missing"),
+    ("src_only.json", json.dumps([{"src": "a", "answers": ["x"]}]), 1, "alt", "missing"),
 ]
 
 
@@ -70,7 +73,7 @@ def test_malformed_input_names_file_record_field(tmp_path, name, text, record, f
     path.write_text(text)
     with pytest.raises(FactError) as info:
         list(load_facts(path))
-    err = info.value
+    err = info.value  # records count from 1, as a person counts lines
     assert err.source == str(path) and err.record == record and err.field == field
     assert reason in str(err) and "\n" not in str(err)
 
@@ -102,7 +105,7 @@ def test_fever_format(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "equiv_prompt": ["b"], "alt": "SUPPORTS", "unrel_prompt": "c", "unrel_ans": "REFUTES"}\n'
                    '{"prompt": "a", "equiv_prompt": ["b"], "alt": "MAYBE", "unrel_prompt": "c", "unrel_ans": "REFUTES"}\n')
-    with pytest.raises(FactError, match=r"bad.jsonl: record 1: field 'alt': verdict 'MAYBE'"):
+    with pytest.raises(FactError, match=r"bad.jsonl: record 2: field 'alt': verdict 'MAYBE'"):
         list(load_facts(bad))
     bad.write_text('{"prompt": "a", "alt": "SUPPORTS", "equiv_prompt": [], "unrel_prompt": "c", "unrel_ans": "REFUTES"}\n')
     with pytest.raises(FactError, match="equiv_prompt"):

@@ -158,3 +158,56 @@ def test_decoder_families_trace_edit_and_revert(build, expected):
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     handle.revert()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_editor_leaves_no_gradients_and_no_changed_flags():
+    """A model straight from from_pretrained has trainable parameters; editing, meta-training and
+    fine-tuning must leave no .grad on them and every requires_grad flag as the caller set it."""
+    from malmen.baselines import FineTuneConfig, FineTuneEditor
+    from malmen.train import TrainConfig, Trainer
+
+    model, tok = tiny.llama(), tiny.tokenizer()
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i % 2 == 0)  # a mix, to see each flag restored as it was
+    flags = [p.requires_grad for p in model.parameters()]
+    before = weights(model)
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0), lm_batch_size=3))
+    editor.edit(tiny.facts(5)).revert()
+    FineTuneEditor(model, tok, FineTuneConfig(steps=2)).edit(tiny.facts(5)).revert()
+    trainer = Trainer(editor, tiny.facts(16, seed=1), tiny.facts(4, seed=2), TrainConfig(n_edits=8, calibrate_eta=False), "/unused")
+    trainer.meta_step(trainer.step_facts(0), 0)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert any(p.grad is not None for p in editor.hypernet.parameters())  # the hyper-network did learn
+
+
+def test_reverting_edits_out_of_order_is_exact():
+    model, tok = tiny.llama(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0), lm_batch_size=4))
+    base = weights(model)
+    h1 = editor.edit(tiny.facts(4, seed=1))
+    h2 = editor.edit(tiny.facts(4, seed=2))
+    h1.revert()  # the older edit first: the model is the base plus edit 2 alone
+    with_h2 = weights(model)
+    h2.revert()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    with EditHandle(model, h2.shifts):
+        assert all(torch.equal(p, with_h2[n]) for n, p in model.named_parameters())
+    # three edits, the middle one out first, then the rest in any order: the base, bitwise
+    handles = [editor.edit(tiny.facts(3, seed=s)) for s in (3, 4, 5)]
+    for i in (1, 0, 2):
+        handles[i].revert()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+def test_identical_facts_count_once():
+    """A thousand copies of a fact edit exactly like one (docs/RELIABILITY.md)."""
+    model, tok = tiny.llama(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=0.1), lm_batch_size=250))
+    fact = tiny.facts(1)[0]
+    one, many = editor.shifts([fact]), editor.shifts([fact] * 1000)
+    assert all(torch.equal(one[m], many[m]) for m in one) and all(one[m].abs().sum() > 0 for m in one)
+    other = tiny.facts(2, seed=9)[1]
+    assert all(torch.equal(a, b) for a, b in zip(editor.shifts([fact, other]).values(),
+                                                 editor.shifts([fact, other, fact, other]).values()))

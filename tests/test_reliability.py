@@ -76,17 +76,9 @@ def test_sigkill_while_saving_leaves_old_or_nothing(tmp_path):
 def test_conflicting_facts_are_refused_duplicates_allowed(tmp_path):
     path = tmp_path / "f.jsonl"
     path.write_text('{"prompt": "a b", "target": "x"}\n' * 3 + '{"prompt": "a b", "target": "y"}\n')
-    with pytest.raises(FactError, match="record 3: same prompt as record 0 with a different target"):
+    with pytest.raises(FactError, match="record 4: same prompt as record 1 with a different target"):
         list(load_facts(path, check_conflicts=True))
     assert len(list(load_facts(path))) == 4  # without the check (training data may repeat prompts)
-
-
-def test_thousand_copies_of_one_fact_edit_like_one():
-    model, tok = tiny.llama(), tiny.tokenizer()
-    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=0.1), lm_batch_size=250))
-    fact = tiny.facts(1)[0]
-    shifts = editor.shifts([fact] * 1000)
-    assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in shifts.values())
 
 
 def test_zero_gradients_give_a_zero_finite_shift():

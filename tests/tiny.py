@@ -139,3 +139,22 @@ def write_encoder(path, layers: int = 2, hidden: int = 32) -> None:
                         intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, initializer_range=0.5)
     BertModel(config).save_pretrained(path)
     tokenizer().save_pretrained(path)
+
+
+def causal(family: str, layers: int = 2, hidden: int = 32, seed: int = 0):
+    """A tiny decoder-only LM of a family whose logits are processed after the head: Granite
+    (divided by ``logits_scaling``), Cohere (times ``logit_scale``), Gemma 2 (final soft-capping)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer()), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                  bos_token_id=2, eos_token_id=2, initializer_range=0.5)
+    configs = {
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, {"logits_scaling": 8.0}),
+        "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM, {"logit_scale": 0.0625}),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                   {"final_logit_softcapping": 0.5, "head_dim": 8, "attn_implementation": "eager"}),
+    }
+    config_cls, model_cls, extra = configs[family]
+    return prepare(model_cls(config_cls(**common, **extra)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,6 +22,7 @@ from torch import nn
 from . import io
 from .adapters.base import longest_module_list
 from .adapters.classifier import ClassifierAdapter
+from .timing import timed
 
 
 def build(encoder: str, num_labels: int = 1, head: str | Path | None = None, scope: str = "head"):
@@ -99,27 +99,28 @@ def train_head(model: nn.Module, tokenizer, examples: Sequence[tuple[str, str]],
     optimizer = torch.optim.Adam(params.values(), lr=lr)
     rng = random.Random(seed)
     order = list(examples)
-    start = time.perf_counter()
-    before = accuracy(adapter, val_examples)
-    try:
-        for epoch in range(epochs):
-            rng.shuffle(order)
-            total = 0.0
-            for i in range(0, len(order), batch_size):
-                group = order[i:i + batch_size]
-                batch = adapter.batch([c for c, _ in group], [label for _, label in group])
-                z = adapter.verdict_logit(batch)
-                loss = nn.functional.binary_cross_entropy_with_logits(z, batch.targets[:, 0].float())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(group)
-            log(f"epoch {epoch + 1}: loss {total / len(order):.4f}, validation accuracy {accuracy(adapter, val_examples):.3f}")
-    finally:
-        for p in params.values():
-            p.requires_grad_(False)
-    return {"val_accuracy_before": before, "val_accuracy": accuracy(adapter, val_examples),
-            "train_accuracy": accuracy(adapter, list(examples)[:2000]), "seconds": time.perf_counter() - start}
+    with timed(adapter.device) as took:
+        before = accuracy(adapter, val_examples)
+        try:
+            for epoch in range(epochs):
+                rng.shuffle(order)
+                total = 0.0
+                for i in range(0, len(order), batch_size):
+                    group = order[i:i + batch_size]
+                    batch = adapter.batch([c for c, _ in group], [label for _, label in group])
+                    z = adapter.verdict_logit(batch)
+                    loss = nn.functional.binary_cross_entropy_with_logits(z, batch.targets[:, 0].float())
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach()) * len(group)
+                log(f"epoch {epoch + 1}: loss {total / len(order):.4f}, validation accuracy {accuracy(adapter, val_examples):.3f}")
+        finally:
+            for p in params.values():
+                p.requires_grad_(False)
+        result = {"val_accuracy_before": before, "val_accuracy": accuracy(adapter, val_examples),
+                  "train_accuracy": accuracy(adapter, list(examples)[:2000])}
+    return {**result, "seconds": took.seconds}
 
 
 def save_head(model: nn.Module, out: str | Path, info: dict, scope: str = "head") -> None:

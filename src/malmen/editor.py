@@ -10,6 +10,7 @@ or 'sum' (MEND).  Everything else is shared.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -17,15 +18,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import io, linear
-from .facts import Fact
+from . import io, linear, registry
+from .facts import Fact, distinct
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .adapters import Adapter, Batch, adapter_for
 from .models import model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS
 from .tracing import KeyGradTrace
 
-FORMAT = "malmen-editor"
+FORMAT = registry.FORMAT
 VERSION = 1
 
 
@@ -101,29 +102,58 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 # ---------------------------------------------------------------- applying shifts
 
 class EditHandle:
-    """The shifts of one edit and the original weights, for an exact revert."""
+    """The shifts of one edit and the weights it replaced, for an exact revert.
+
+    Handles on one model may be reverted in any order.  Reverting the newest copies its weights
+    back (never subtracts).  Reverting an older one first takes the model back, bitwise, to
+    before that edit (undoing the later ones, newest first) and then applies the later edits
+    again: the model is exactly the one the later edits alone would have made.
+    """
 
     def __init__(self, model: nn.Module, shifts: dict[str, torch.Tensor]):
         self.model, self.shifts = model, shifts
-        self.originals = {name: model.get_submodule(name).weight.detach().clone() for name in shifts}
-        for name, shift in shifts.items():
-            linear.add_shift(model.get_submodule(name), shift)
+        self.active = False
+        self._apply()
+
+    def _apply(self) -> None:
+        self.originals = {name: self.model.get_submodule(name).weight.detach().clone() for name in self.shifts}
+        for name, shift in self.shifts.items():
+            linear.add_shift(self.model.get_submodule(name), shift)
+        _active_edits(self.model).append(self)
         self.active = True
 
-    def revert(self) -> None:
-        """Restore every edited weight bitwise (copied back, never subtracted)."""
-        if not self.active:
-            return
+    def _restore(self) -> None:
         with torch.no_grad():
             for name, weight in self.originals.items():
                 self.model.get_submodule(name).weight.copy_(weight)
+
+    def revert(self) -> None:
+        """Take this edit out, whatever the order (see the class docstring)."""
+        if not self.active:
+            return
+        edits = _active_edits(self.model)
+        position = edits.index(self)
+        later = edits[position + 1:]
+        for handle in reversed(edits[position:]):
+            handle._restore()
+        del edits[position:]
         self.active = False
+        for handle in later:
+            handle._apply()
 
     def __enter__(self) -> "EditHandle":
         return self
 
     def __exit__(self, *exc) -> None:
         self.revert()
+
+
+# the edits applied to each live model, oldest first (weak: forgetting a model forgets its edits)
+_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
+
+
+def _active_edits(model: nn.Module) -> list[EditHandle]:
+    return _EDITS.setdefault(model, [])
 
 
 # ---------------------------------------------------------------- the editor
@@ -178,10 +208,11 @@ class MalmenEditor:
             return {name: aggregators[name].solve(self.hypernet.lam(name)) for name in self.modules}
 
     def shifts(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-        """The shift of every edited module for all ``facts`` (streamed; memory flat in their number)."""
+        """The shift of every edited module for all ``facts`` (streamed; memory flat in their number
+        but for one fingerprint per distinct fact: identical facts count once)."""
         aggregators = self.new_aggregators()
         seen = 0
-        for batch in self.batches(facts):
+        for batch in self.batches(distinct(facts)):
             keys, grads = trace(self.adapter, self.modules, batch)
             self.accumulate(aggregators, keys, grads)
             seen += len(batch)
@@ -233,13 +264,7 @@ class MalmenEditor:
     @staticmethod
     def read_config(path: str | Path) -> dict:
         """editor.json of an editor directory or shipped editor name, checked for our format."""
-        from .registry import resolve_editor
-
-        path = resolve_editor(path)
-        meta = io.read_json(path / "editor.json")
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}/editor.json: not a malmen editor (format {meta.get('format')!r})")
-        return meta
+        return registry.editor_config(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model: nn.Module, tokenizer, strict_base: bool = True) -> "MalmenEditor":
@@ -248,9 +273,7 @@ class MalmenEditor:
         Raises ValueError if the editor was trained for other modules or another base model
         (``strict_base=False`` downgrades a weight-fingerprint mismatch to a warning).
         """
-        from .registry import resolve_editor
-
-        path = resolve_editor(path)
+        path = registry.resolve_editor(path)
         meta = cls.read_config(path)
         config = EditorConfig.from_dict(meta["config"])
         adapter = adapter_for(model, tokenizer)
@@ -272,3 +295,8 @@ class MalmenEditor:
         core = {"format", "version", "config", "shapes", "base_model"}
         editor.metadata = {k: v for k, v in meta.items() if k not in core}
         return editor
+
+
+def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, method) -> MalmenEditor:
+    """The factory of the 'malmen' and 'mend' methods (methods.py): a trained editor, loaded."""
+    return MalmenEditor.from_pretrained(editor, model, tokenizer)

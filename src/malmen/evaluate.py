@@ -2,6 +2,8 @@
 
 Per fact, averaged over facts (DESIGN.md section 5):
   ES, GS   teacher-forced token accuracy on the edit prompt / headline rephrase (the paper's);
+  GS_chat  GS with the rephrase asked as a user's turn of the tokenizer's chat template (instruct
+           models; only when the tokenizer has a template);
   *_exact  all answer tokens right;  *_gen  greedy continuation starts with the target;
   LS       fraction of locality answer tokens whose argmax is unchanged by the edit (headline);
   LS_data  token accuracy against the dataset's locality answer (the paper's variant).
@@ -9,9 +11,9 @@ Per fact, averaged over facts (DESIGN.md section 5):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import resource
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -20,8 +22,9 @@ from .editor import MalmenEditor, micro_batches
 from .facts import Fact
 from .adapters import Adapter
 from .replay import TrunkCache
+from .timing import timed
 
-METRICS = ("ES", "GS", "LS", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data")
+METRICS = ("ES", "GS", "LS", "GS_chat", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data")
 
 
 @torch.no_grad()
@@ -71,6 +74,10 @@ def snapshot(adapter: Adapter, facts: Sequence[Fact], generate: bool,
         "GS_exact": [float((p == t).all()) for p, t in gs],
         "LS_data": [float((p == t).float().mean()) for p, t in loc],
     }
+    chat = [adapter.chat_prompt(f.rephrases[0]) for f in gs_facts]
+    if gs_facts and all(c is not None for c in chat):
+        gs_chat = predictions(adapter, chat, [f.target for f in gs_facts], batch_size, trunk)
+        m["GS_chat"] = [float((p == t).float().mean()) for p, t in gs_chat]
     loc_pred = [p for p, _ in loc]
     ref = reference if reference is not None else loc_pred
     m["LS"] = [float((p == r).float().mean()) for p, r in zip(loc_pred, ref)]
@@ -79,6 +86,14 @@ def snapshot(adapter: Adapter, facts: Sequence[Fact], generate: bool,
         m["GS_gen"] = [float(x) for x in greedy_starts_with(
             adapter, [f.rephrases[0] for f in gs_facts], [f.target for f in gs_facts], batch_size)]
     return m, loc_pred
+
+
+def fingerprint(facts: Sequence[Fact]) -> str:
+    """A digest of everything the metrics read from ``facts`` (which figures a cache may reuse)."""
+    digest = hashlib.sha256()
+    for f in facts:
+        digest.update(repr((f.prompt, f.target, f.rephrases[:1], f.locality_prompt, f.locality_answer)).encode())
+    return digest.hexdigest()
 
 
 def peak_rss_mb() -> float:
@@ -90,8 +105,8 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
     """Edit ``facts`` in consecutive groups of ``n_edits`` at once; average metrics over all facts.
 
     Every group is edited into the unedited model and reverted afterwards.  ``unedited``: a dict
-    kept across calls on the same facts and n (several editors of one model): the unedited
-    figures and the recorded trunk of each group are computed once and reused.
+    kept across calls (several editors of one model): the unedited figures and the recorded trunk
+    of each group are computed once and reused, keyed by the group's facts.
     """
     facts = list(facts)
     if not facts:
@@ -107,7 +122,7 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
         if progress:
             progress(f"group {i + 1}/{len(groups)}: unedited")
         # the blocks below the edited layers are run once, before the edit, and replayed after it
-        key = (i, len(group), bs, tuple(editor.modules), generate)
+        key = (fingerprint(group), bs, tuple(editor.modules), generate)
         if unedited is None or key not in unedited:
             trunk = editor.adapter.trunk(editor.modules)
             m0, reference = snapshot(editor.adapter, group, generate, None, bs, trunk)
@@ -116,9 +131,9 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
         else:
             m0, reference, trunk = unedited[key]
         trunk.rewind()
-        start = time.perf_counter()
-        handle = editor.edit(group)
-        edit_seconds.append(time.perf_counter() - start)
+        with timed(editor.adapter.device) as took:
+            handle = editor.edit(group)
+        edit_seconds.append(took.seconds)
         try:
             if progress:
                 progress(f"group {i + 1}/{len(groups)}: edited {len(group)} facts in {edit_seconds[-1]:.1f}s")

@@ -14,7 +14,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 
 class FactError(ValueError):
-    """A fact file or record is malformed.  ``str(err)`` is a one-line message for the user."""
+    """A fact file or record is malformed.  ``str(err)`` is a one-line message for the user.
+
+    ``record`` counts from 1, as people do: record 1 is the first object of the file (line 1 of a
+    JSONL file without blank lines)."""
 
     def __init__(self, source: str, record: int | None, field_name: str | None, reason: str):
         self.source, self.record, self.field, self.reason = source, record, field_name, reason
@@ -53,16 +56,21 @@ class Fact:
 # ---------------------------------------------------------------- field accessors (validating)
 
 class Record:
-    """A raw JSON object with its position, offering validated field access."""
+    """A raw JSON object with its position (``index``, from 0), offering validated field access."""
 
     def __init__(self, obj: Any, source: str, index: int):
         self.source, self.index = source, index
         if not isinstance(obj, dict):
-            raise FactError(source, index, None, f"expected a JSON object, got {type(obj).__name__}")
+            raise FactError(source, index + 1, None, f"expected a JSON object, got {type(obj).__name__}")
         self.obj = obj
 
     def error(self, name: str | None, reason: str) -> FactError:
-        return FactError(self.source, self.index, name, reason)
+        return FactError(self.source, self.number, name, reason)
+
+    @property
+    def number(self) -> int:
+        """The record's position counted from 1 (how messages name it)."""
+        return self.index + 1
 
     def has(self, name: str) -> bool:
         return self.obj.get(name) is not None
@@ -144,13 +152,13 @@ def read_records(path: str | Path) -> Iterator[Record]:
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as err:
-                raise FactError(source, index, None, f"line {lineno} is not valid UTF-8 (byte {err.start})") from None
+                raise FactError(source, index + 1, None, f"line {lineno} is not valid UTF-8 (byte {err.start})") from None
             if not line:
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise FactError(source, index, None, f"line {lineno}: invalid JSON: {err.msg}") from None
+                raise FactError(source, index + 1, None, f"line {lineno}: invalid JSON: {err.msg}") from None
             yield Record(obj, source, index)
             index += 1
 
@@ -163,6 +171,21 @@ def require_nonempty(facts: Iterable[Fact], source: str) -> Iterator[Fact]:
         yield fact
     if not any_seen:
         raise FactError(source, None, None, "contains no facts")
+
+
+def distinct(facts: Iterable[Fact]) -> Iterator[Fact]:
+    """Each fact once: a repeat of an earlier (prompt, target) is dropped.
+
+    Editors count identical facts once, so that a thousand copies of a fact edit like one (the
+    normal equation would otherwise weight the copies a thousand times against its regulariser).
+    Costs one fingerprint per distinct fact, about 70 bytes.
+    """
+    seen: set[int] = set()
+    for fact in facts:
+        key = hash((fact.prompt, fact.target))
+        if key not in seen:
+            seen.add(key)
+            yield fact
 
 
 def convert(records: Iterable[Record], to_fact: Callable[[Record], Fact]) -> Iterator[Fact]:

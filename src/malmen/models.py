@@ -7,11 +7,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from .registry import DEFAULT_MODEL
 
 HEADS = Path(__file__).parent / "heads"  # classifier heads shipped with the package
 
@@ -47,7 +50,6 @@ def _minilm() -> tuple[str, None]:
 
 
 ALIASES = {"smollm2-135m": _smollm2, "minilm-l6": _minilm}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def resolve(name: str) -> tuple[str, str | None]:
@@ -62,14 +64,64 @@ def resolve(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence transformers while loading or saving: its warnings, its progress bars, and the bare
+    tqdm bar of its GGUF converter, which writes to ``sys.stderr`` as it finds it (its logger
+    keeps the stream it was given, so errors still reach the user)."""
+    import io
+    from contextlib import redirect_stderr
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _gguf_kwargs(gguf: str) -> dict:
+    """Ask for a plain dense model from a GGUF file.
+
+    Left to itself, transformers keeps GGUF weights packed (swapping ``nn.Linear`` for its own
+    layers) when a matmul kernel is installed, and otherwise de-quantises but leaves the quantizer
+    attached, which makes ``save_pretrained`` refuse the model.  An editor needs plain linear
+    layers and an edited model must be saveable, so de-quantisation is requested explicitly.
+    """
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older transformers de-quantise GGUF files always
+        return {"gguf_file": gguf}
+    return {"gguf_file": gguf, "quantization_config": GgufConfig(gguf_file=gguf, dequantize=True)}
+
+
+def plain(model: nn.Module) -> nn.Module:
+    """Drop what a de-quantised GGUF load leaves behind (quantizer, quantization config), so the
+    model saves and reloads as the ordinary Hugging Face model it now is."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    return model
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu"):
     """Load (model, tokenizer) from an alias, a local directory or hub id, or a GGUF file.
 
-    GGUF weights are de-quantised to ``dtype`` (fp32 by default).  The model is put in eval mode
-    with every parameter frozen: editors never need the LM's own weight gradients.
+    GGUF weights are de-quantised to ``dtype`` (fp32 by default) into a plain model that
+    ``save_pretrained`` writes like any other.  The model is put in eval mode with every
+    parameter frozen: editors never need the LM's own weight gradients.
     """
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     head = classifier_head(name)
     if head is not None:  # a frozen encoder plus a trained verdict head (see classifier.py)
@@ -78,24 +130,29 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, devi
         from .io import read_json
 
         info = read_json(head / "head.json")
-        model, tokenizer = build(info["encoder"], head=head, scope=info.get("scope", "head"))
+        with quiet():
+            model, tokenizer = build(info["encoder"], head=head, scope=info.get("scope", "head"))
         model.name_or_path = name
         return prepare(model.to(dtype=dtype or torch.float32, device=device)), tokenizer
     where, gguf = resolve(name)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        auto = auto_class(AutoConfig.from_pretrained(where, **kwargs))
-        model = auto.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if getattr(model.config, "quantization_config", None) is not None and gguf:
-        # GGUF tensors are de-quantised on load; the saved model is a plain one.
-        del model.config.quantization_config
+    with quiet():
+        tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+        auto = auto_class(AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {})))
+        model = auto.from_pretrained(where, dtype=dtype or torch.float32, **(_gguf_kwargs(gguf) if gguf else {}))
+    if gguf:
+        plain(model)
     model.name_or_path = name
     return prepare(model.to(device)), tokenizer
+
+
+def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
+    """``save_pretrained`` of the model and its tokenizer into ``path``, atomically and quietly:
+    a crash leaves the old directory or the complete new one."""
+    from .io import atomic_dir
+
+    with quiet(), atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def classifier_head(name: str) -> Path | None:

@@ -1,9 +1,11 @@
 """Editors shipped inside the package, resolved by name (``--editor smollm2-zsre``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SHIPPED = Path(__file__).parent / "editors"
+DEFAULT_MODEL = "smollm2-135m"  # the model every command uses unless told otherwise
 
 
 def shipped() -> list[str]:
@@ -19,3 +21,21 @@ def resolve_editor(name: str | Path) -> Path:
         return SHIPPED / str(name)
     names = ", ".join(shipped()) or "none"
     raise FileNotFoundError(f"{name}: no editor.json there and no shipped editor of that name (shipped: {names})")
+
+
+FORMAT = "malmen-editor"
+
+
+def editor_config(name: str | Path) -> dict:
+    """editor.json of an editor directory or shipped name, checked for our format.
+
+    Reads JSON only (no torch), so that the command line can check an editor before loading a model.
+    """
+    path = resolve_editor(name)
+    try:
+        meta = json.loads((path / "editor.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}/editor.json: cannot read JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/editor.json: not a malmen editor (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    return meta

@@ -5,16 +5,36 @@
         loss.backward()
     keys, grads = trace.keys[name], trace.grads[name]   # (n_selected_positions x a), (... x b)
 
-The LM's parameters stay frozen: each traced layer's output is made a leaf that requires grad
-when nothing below it does, so backprop computes no weight gradient and stops at the lowest
-traced layer.  Nothing method-specific lives here.
+The LM's parameters are frozen inside the context, whatever the caller set (their flags are
+restored on exit): each traced layer's output is made a leaf that requires grad when nothing
+below it does, so backprop computes no weight gradient, leaves no ``.grad`` on the model and
+stops at the lowest traced layer.  Nothing method-specific lives here.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter of ``module`` for the duration; the flags the
+    caller had are restored on exit.
+
+        with frozen(model):
+            model(x).sum().backward()   # no weight gradient is computed or stored
+    """
+    thawed = [p for p in module.parameters() if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 class KeyGradTrace:
@@ -33,6 +53,7 @@ class KeyGradTrace:
         self.keys: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._stack = ExitStack()
 
     def _select(self, name: str, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask.get(name) if isinstance(self.mask, dict) else self.mask
@@ -55,6 +76,7 @@ class KeyGradTrace:
         return hook
 
     def __enter__(self) -> "KeyGradTrace":
+        self._stack.enter_context(frozen(self.model))
         for name in self.names:
             module = self.model.get_submodule(name)
             self._handles.append(module.register_forward_hook(self._hook(name)))
@@ -64,3 +86,4 @@ class KeyGradTrace:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._stack.close()

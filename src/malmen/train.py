@@ -28,6 +28,7 @@ from .cache import StepCache
 from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, per_fact_sum, trace
 from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
+from .timing import timed
 from .tracing import KeyGradTrace
 
 
@@ -92,34 +93,42 @@ class Trainer:
         return stats
 
     def meta_gradients(self, facts: list[Fact], step: int) -> dict:
-        """Fill ``.grad`` of the hyper-network with dL_meta/dtheta for one batch of facts."""
+        """Fill ``.grad`` of the hyper-network with dL_meta/dtheta for one batch of facts
+        (DESIGN.md section 3, steps 1-4)."""
         with StepCache(self.config.cache_dtype, self.config.cache_budget_mb) as cache:
-            return self._meta_gradients(facts, step, cache)
+            keys, grads = self.trace_edits(facts, cache)
+            if step == 0 and self.config.calibrate_eta and self.step_index == 0 and self.initialised_from is None:
+                self.calibrate(facts, keys, grads)
+            aggregators = self.editor.new_aggregators()
+            self.editor.accumulate(aggregators, keys, grads)
+            shifts = self.editor.solve(aggregators)
+            G, stats = self.shift_gradients(facts, step, shifts)
+            self.backward_through_solve(aggregators, G, keys, grads)
+        return stats
 
-    def _meta_gradients(self, facts: list[Fact], step: int, cache: StepCache) -> dict:
-        ed, hn, cfg = self.editor, self.editor.hypernet, self.config
-        modules, adapter = ed.modules, ed.adapter
-        lm_bs = ed.config.lm_batch_size
-
-        # 1. cache keys and value-gradients of the edit prompts; update the normaliser
-        traced = [trace(adapter, modules, batch) for batch in ed.batches(facts)]
-        keys = {name: torch.cat([k[name] for k, _ in traced]) for name in modules}
-        grads = {name: torch.cat([g[name] for _, g in traced]) for name in modules}
+    def trace_edits(self, facts: list[Fact], cache: StepCache) -> tuple[dict, dict]:
+        """Step 1: keys and value-gradients of the edit prompts, kept in ``cache``; the
+        hyper-network's input normalisers learn from them (in training only)."""
+        ed, hn = self.editor, self.editor.hypernet
+        traced = [trace(ed.adapter, ed.modules, batch) for batch in ed.batches(facts)]
+        keys = {name: torch.cat([k[name] for k, _ in traced]) for name in ed.modules}
+        grads = {name: torch.cat([g[name] for _, g in traced]) for name in ed.modules}
         del traced
         keys, grads = cache.put(keys, grads)
-        for name in modules:
-            hn.normaliser(name).update(torch.cat([keys[name].float(), grads[name].float()], -1))
-        if step == 0 and cfg.calibrate_eta and self.step_index == 0 and self.initialised_from is None:
-            self.calibrate(facts, keys, grads)
+        device = ed.adapter.device
+        for name in ed.modules:  # chunk by chunk onto the device: the cache may be memory-mapped files
+            for s in chunks(keys[name].shape[0], ed.config.hyper_batch_size):
+                hn.normaliser(name).update(torch.cat([keys[name][s].to(device).float(), grads[name][s].to(device).float()], -1))
+        return keys, grads
 
-        # 2. shifts, without grad
-        aggregators = ed.new_aggregators()
-        ed.accumulate(aggregators, keys, grads)
-        shifts = ed.solve(aggregators)
+    def shift_gradients(self, facts: list[Fact], step: int, shifts: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Step 3: with the shifts applied, L_meta = L_gen (rephrases) + c_loc * KL (locality),
+        backpropagated through the LM in micro-batches; only G = dL/dS of each module is kept."""
+        ed, cfg = self.editor, self.config
+        adapter, modules = ed.adapter, ed.modules
 
-        # 3. meta loss with the shift applied; keep only G = dL/dS
         def batches(pairs):
-            return [adapter.batch(*zip(*g)) for g in bucketed(pairs, lm_bs, lambda p: len(p[0]) + len(p[1]))]
+            return [adapter.batch(*zip(*g)) for g in bucketed(pairs, ed.config.lm_batch_size, lambda p: len(p[0]) + len(p[1]))]
 
         gen_batches = batches([(self.rephrase(f, step), f.target) for f in facts])
         loc_batches = batches([(f.locality_prompt, f.locality_answer) for f in facts])
@@ -134,8 +143,8 @@ class Trainer:
         n = len(facts)
         gen_loss = loc_loss = 0.0
         with EditHandle(adapter.model, shifts):
-            for kind, batches in (("gen", gen_batches), ("loc", loc_batches)):
-                for i, batch in enumerate(batches):
+            for kind, group in (("gen", gen_batches), ("loc", loc_batches)):
+                for i, batch in enumerate(group):
                     replayed = trunk.step() if kind == "loc" else contextlib.nullcontext()
                     with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, adapter.context_masks(batch, modules)) as t:
                         logits = adapter.answer_logits(batch)
@@ -151,19 +160,23 @@ class Trainer:
                         loss.backward()
                     for name in modules:
                         G[name] += t.keys[name].float().t() @ t.grads[name].float()
+        return G, {"gen_loss": gen_loss, "loc_loss": loc_loss}
 
-        # 4. backprop through the solve and the hyper-network, chunk by chunk
+    def backward_through_solve(self, aggregators: dict, G: dict, keys: dict, grads: dict) -> None:
+        """Step 4: M = (A + lambda I)^-1 G per module, then the hyper-network's gradient chunk by
+        chunk of cached tokens (its graph never meets the LM's)."""
+        ed, hn = self.editor, self.editor.hypernet
+        device = ed.adapter.device
         self.optimizer.zero_grad(set_to_none=True)
-        for name in modules:
+        for name in ed.modules:
             agg = aggregators[name]
             dlam = agg.backward(G[name])
             (hn.lam(name) * dlam.detach()).backward()
             k, g = keys[name], grads[name]
             for s in chunks(k.shape[0], ed.config.hyper_batch_size):
-                ks, gs = k[s].to(adapter.device), g[s].to(adapter.device)
+                ks, gs = k[s].to(device), g[s].to(device)
                 pk, pg = hn(name, ks, gs)
                 agg.surrogate(ks, pk, pg, hn.eta(name)).backward()
-        return {"gen_loss": gen_loss, "loc_loss": loc_loss}
 
     @torch.no_grad()
     def calibrate(self, facts: list[Fact], keys: dict, grads: dict) -> None:
@@ -236,24 +249,26 @@ class Trainer:
         opt = last / "optimizer.safetensors"
         if opt.is_file():
             tensors = io.load_tensors(opt)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            for i, p in enumerate(params):
-                entry = {key.split(".", 1)[1]: v for key, v in tensors.items() if key.split(".", 1)[0] == str(i)}
-                if entry:
-                    self.optimizer.state[p] = entry
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                index, name = key.split(".", 1)
+                state.setdefault(int(index), {})[name] = value
+            # load_state_dict moves every state tensor onto its parameter's device (and keeps
+            # Adam's step counters where Adam wants them)
+            self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
         self.log(f"resumed from {last} at step {self.step_index}")
         return True
 
     def fit(self, progress: Callable[[int, dict], None] | None = None) -> dict:
         """Train until ``steps`` or ``max_minutes``, validating every ``val_every`` steps."""
         cfg = self.config
-        start = time.perf_counter()
+        start = time.monotonic()  # a budget of wall-clock time, not a measurement
         while self.step_index < cfg.steps:
-            t0 = time.perf_counter()
-            stats = self.meta_step(self.step_facts(self.step_index), self.step_index)
+            with timed(self.editor.adapter.device) as took:
+                stats = self.meta_step(self.step_facts(self.step_index), self.step_index)
             self.step_index += 1
-            stats.update(step=self.step_index, seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
-            out_of_time = cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes
+            stats.update(step=self.step_index, seconds=took.seconds, peak_rss_mb=peak_rss_mb())
+            out_of_time = cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes
             if self.step_index % cfg.val_every == 0 or self.step_index == cfg.steps or out_of_time:
                 val = self.validate()
                 stats.update({f"val_{k}": val[k] for k in ("ES", "GS", "LS", "score")})

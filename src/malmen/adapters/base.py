@@ -9,8 +9,9 @@ evaluation) sees only ``Batch`` and the methods of ``Adapter``.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +57,22 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, width: int | None = None
         ids[i, :len(row)] = torch.tensor(list(row), dtype=torch.long)
         mask[i, :len(row)] = 1
     return ids, mask
+
+
+@contextmanager
+def rows_only(head: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Feed ``head`` only the positions of ``mask`` (batch x seq) while the model runs its own forward.
+
+    The output head is a large share of a small LM's cost, and only the answer positions need
+    it.  Everything a model does after its head (Granite's logit scaling, Cohere's logit scale,
+    Gemma 2's final soft-capping) is elementwise, so it runs unchanged on the selected rows and
+    the logits are exactly the model's own there.
+    """
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][mask],) + tuple(args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def longest_module_list(root: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -160,6 +177,14 @@ class Adapter:
     def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor | dict:
         """Every real position of the sequence each module sees (its weight gradient sums over them)."""
         raise NotImplementedError
+
+    def chat_prompt(self, question: str) -> str | None:
+        """``question`` as a user's turn in the tokenizer's chat template, ready for the answer
+        (None when the tokenizer has no template): how people ask an instruct model."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                  add_generation_prompt=True)
 
     def answer_length(self, prompt: str, answer: str) -> int:
         """Number of answer positions of the pair (how many tokens to generate)."""

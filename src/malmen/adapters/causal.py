@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import IGNORE, Adapter, Batch, pad_rows
+from .base import IGNORE, Adapter, Batch, pad_rows, rows_only
 
 
 class CausalLMAdapter(Adapter):
@@ -39,10 +39,13 @@ class CausalLMAdapter(Adapter):
     def encode(self, prompt: str, answer: str) -> tuple[list[int], int]:
         """Token ids of ``prompt + ' ' + answer`` and the index of the first answer token.
 
-        Works for any tokenizer: with offsets (fast tokenizers) a token belongs to the answer when
-        it covers any answer character; otherwise prompt and answer are tokenised separately.
+        No space is added after a prompt that ends in whitespace (a chat template's turn ends in
+        a newline).  Works for any tokenizer: with offsets (fast tokenizers) a token belongs to
+        the answer when it covers any answer character; otherwise prompt and answer are
+        tokenised separately.
         """
-        text = f"{prompt} {answer}"
+        sep = "" if prompt[-1:].isspace() else " "
+        text = f"{prompt}{sep}{answer}"
         boundary = len(prompt)
         tok = self.tokenizer
         if getattr(tok, "is_fast", False):
@@ -52,7 +55,7 @@ class CausalLMAdapter(Adapter):
         else:
             ids = tok(prompt)["input_ids"]
             start = len(ids)
-            ids = ids + tok(" " + answer, add_special_tokens=False)["input_ids"]
+            ids = ids + tok(sep + answer, add_special_tokens=False)["input_ids"]
         start = max(start, 1)  # the first token is always context
         return ids, start
 
@@ -90,11 +93,11 @@ class CausalLMAdapter(Adapter):
 
     # --- forward
     def answer_logits(self, batch: Batch) -> torch.Tensor:
-        """The output head runs only at the answer positions: it is a large share of a small LM's cost."""
-        base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
-        return head(hidden[batch.mask]).float()
+        """The model's own logits at the answer positions, its output processing included; the
+        output head runs only there (``rows_only``)."""
+        with rows_only(self.model.get_output_embeddings(), batch.mask):
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return out.logits.float()
 
     @torch.no_grad()
     def continuations(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:

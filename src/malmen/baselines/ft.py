@@ -15,8 +15,9 @@ from torch import nn
 
 from .. import linear
 from ..editor import EditHandle, bucketed, finetune_loss
-from ..facts import Fact
+from ..facts import Fact, distinct
 from ..adapters import Adapter, adapter_for
+from ..tracing import frozen
 
 
 @dataclass
@@ -44,7 +45,7 @@ class FineTuneEditor:
         return self.config.modules
 
     def shifts(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-        facts = list(facts)
+        facts = list(distinct(facts))
         if not facts:
             raise ValueError("no facts to edit")
         cfg, adapter = self.config, self.adapter
@@ -63,7 +64,7 @@ class FineTuneEditor:
         trunk = adapter.trunk(self.modules) if cfg.replay_trunk else None
         handles = [self.model.get_submodule(n).register_forward_hook(add_shift(n)) for n in self.modules]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), frozen(self.model):  # gradients for the shifts only
                 for _ in range(cfg.steps):
                     optimizer.zero_grad(set_to_none=True)
                     for batch in batches:
@@ -86,3 +87,14 @@ class FineTuneEditor:
 
     def edit(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> EditHandle:
         return EditHandle(self.model, self.shifts(facts, progress))
+
+
+def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, method) -> FineTuneEditor:
+    """The factory of the 'ft' and 'ft-l' methods (methods.py).  With ``editor``, the same layers
+    as that trained editor; 'ft-l' alone has the ``ft_linf`` option."""
+    from ..registry import editor_config
+
+    config = FineTuneConfig(steps=options["ft_steps"], lr=options["ft_lr"], linf=options.get("ft_linf"))
+    if editor:
+        config.modules = list(editor_config(editor)["config"]["modules"])
+    return FineTuneEditor(model, tokenizer, config)

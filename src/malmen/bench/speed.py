@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from typing import Callable, Sequence
 
 import torch
 
 from ..editor import MalmenEditor, bucketed, finetune_loss
 from ..facts import Fact
+from ..timing import timed
 from ..tracing import KeyGradTrace
 from ..train import TrainConfig, Trainer
 
@@ -35,14 +35,15 @@ def edit_speed(editor: MalmenEditor, facts: Sequence[Fact], repeats: int = 2) ->
     batches = list(editor.batches(facts))
     editor.shifts(facts[: editor.config.lm_batch_size])  # warm-up
     edit_s, limit_s = [], []
+    device = editor.adapter.device
     for _ in range(repeats):
-        start = time.perf_counter()
-        editor.shifts(facts)
-        edit_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for batch in batches:
-            _lm_pass(editor, batch, editor.adapter.key_masks(batch, editor.modules))
-        limit_s.append(time.perf_counter() - start)
+        with timed(device) as edit:
+            editor.shifts(facts)
+        edit_s.append(edit.seconds)
+        with timed(device) as limit:
+            for batch in batches:
+                _lm_pass(editor, batch, editor.adapter.key_masks(batch, editor.modules))
+        limit_s.append(limit.seconds)
     edit, limit = len(facts) / min(edit_s), len(facts) / min(limit_s)
     return {"n_facts": len(facts), "edit_facts_per_s": edit, "limit_facts_per_s": limit, "edit_ratio": edit / limit}
 
@@ -58,20 +59,20 @@ def step_bound(trainer: Trainer, facts: list[Fact], step: int) -> float:
     edit = list(ed.batches(facts))
     gen = batches([(trainer.rephrase(f, step), f.target) for f in facts])
     loc = batches([(f.locality_prompt, f.locality_answer) for f in facts])
-    start = time.perf_counter()
-    for b in edit:
-        _lm_pass(ed, b, adapter.key_masks(b, ed.modules))
-    trunk = adapter.trunk(ed.modules)
-    with torch.no_grad():
-        for b in loc:
-            with trunk.step():
-                adapter.answer_logits(b)
-    trunk.rewind()
-    for kind, group in (("gen", gen), ("loc", loc)):
-        for b in group:
-            with trunk.step() if kind == "loc" else contextlib.nullcontext():
-                _lm_pass(ed, b, adapter.context_masks(b, ed.modules))
-    return time.perf_counter() - start
+    with timed(adapter.device) as took:
+        for b in edit:
+            _lm_pass(ed, b, adapter.key_masks(b, ed.modules))
+        trunk = adapter.trunk(ed.modules)
+        with torch.no_grad():
+            for b in loc:
+                with trunk.step():
+                    adapter.answer_logits(b)
+        trunk.rewind()
+        for kind, group in (("gen", gen), ("loc", loc)):
+            for b in group:
+                with trunk.step() if kind == "loc" else contextlib.nullcontext():
+                    _lm_pass(ed, b, adapter.context_masks(b, ed.modules))
+    return took.seconds
 
 
 def train_speed(editor: MalmenEditor, train: Sequence[Fact], n_edits: int, steps: int = 3,
@@ -83,9 +84,9 @@ def train_speed(editor: MalmenEditor, train: Sequence[Fact], n_edits: int, steps
     try:
         for step in range(steps + 1):
             facts = trainer.step_facts(step)
-            start = time.perf_counter()
-            trainer.meta_step(facts, step)
-            seconds = time.perf_counter() - start
+            with timed(editor.adapter.device) as took:
+                trainer.meta_step(facts, step)
+            seconds = took.seconds
             bound = step_bound(trainer, facts, step)
             if step > 0:
                 step_s.append(seconds)

@@ -13,11 +13,11 @@ from . import counterfact, fever, user, zsre
 
 # name -> (keys whose presence identifies the format, converter)
 FORMATS: dict[str, tuple[set[str], Callable[[Record, str], Fact]]] = {
+    "facts": (user.KEYS, user.from_user),
     "zsre-mend": (zsre.MEND_KEYS, zsre.from_mend),
     "zsre": (zsre.EASYEDIT_KEYS, zsre.from_easyedit),
     "counterfact": (counterfact.EASYEDIT_KEYS, counterfact.from_easyedit),
     "counterfact-rome": (counterfact.ROME_KEYS, counterfact.from_rome),
-    "facts": (user.KEYS, user.from_user),
     "fever": (fever.FEVER_KEYS, fever.from_fever),
 }
 # formats derived from another one's records: chosen by name only, never detected
@@ -28,12 +28,24 @@ TARGETS = ("new", "true")
 
 
 def detect_format(record: Record) -> str:
-    """The format whose identifying keys the record has (the most specific one wins)."""
-    matches = [name for name, (keys, _) in FORMATS.items() if keys <= record.obj.keys()]
-    if not matches:
-        known = "; ".join(f"{n}: {', '.join(sorted(k))}" for n, (k, _) in FORMATS.items())
-        raise record.error(None, f"unknown fact format (fields {sorted(record.obj)[:8]}); expected one of {known}")
-    return max(matches, key=lambda n: len(FORMATS[n][0]))
+    """The format whose identifying keys the record has (the most specific one wins).
+
+    A record that has only some of a format's keys is reported as that format with its first
+    missing field (``{"prompt": ...}`` without ``target`` is a fact of our own format missing its
+    target), so the user reads what to add rather than a list of formats.
+    """
+    fields = record.obj.keys()
+    matches = [name for name, (keys, _) in FORMATS.items() if keys <= fields]
+    if matches:
+        return max(matches, key=lambda n: len(FORMATS[n][0]))
+    overlap = {name: len(keys & fields) / len(keys) for name, (keys, _) in FORMATS.items()}
+    closest = max(overlap, key=lambda n: overlap[n])  # ties: the first listed, our own plain format before others
+    if overlap[closest] > 0:
+        missing = sorted(FORMATS[closest][0] - fields)[0]
+        raise record.error(missing, f"missing (the record looks like the {closest!r} format: "
+                                    f"{', '.join(sorted(FORMATS[closest][0]))})")
+    known = "; ".join(f"{n}: {', '.join(sorted(k))}" for n, (k, _) in FORMATS.items())
+    raise record.error(None, f"unknown fact format (fields {sorted(fields)[:8]}); expected one of {known}")
 
 
 def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
@@ -43,7 +55,8 @@ def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
     ``target``: 'new' (counterfactual) or 'true' (the true answer).  ``fmt``: 'auto' or a key of
     FORMATS.  ``split``: None, 'train' or 'val' to keep one side of the fixed zsRE split.
     ``check_conflicts``: refuse two records with the same prompt and different targets (exact
-    duplicates are allowed); costs a small hash table, one entry per distinct prompt.
+    duplicates are allowed: editors count them once); costs a small hash table, one entry per
+    distinct prompt.
     Raises FactError (file, record, field) on malformed input, including a file with no facts.
     """
     if target not in TARGETS:
@@ -62,7 +75,7 @@ def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
         fact = to_fact(record, target)
         if check_conflicts:
             key, value = hash(fact.prompt), hash(fact.target)
-            earlier = seen.setdefault(key, (value, record.index))
+            earlier = seen.setdefault(key, (value, record.number))
             if earlier[0] != value:
                 raise record.error(None, f"same prompt as record {earlier[1]} with a different target "
                                          f"({fact.target!r}); edit one or the other")

@@ -1,0 +1,50 @@
+"""Command line: ``malmen train | edit | eval | bench | classifier``; ``malmen COMMAND --help``.
+
+Each command lives in a module of its own; every method is reached through ``malmen.methods``.
+Errors in user input (fact files, module names, editors, methods) print one line and exit 2,
+before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import bench, classifier, edit, evaluate, train
+from .common import HelpFormatter, UsageError
+
+COMMANDS = (train, edit, evaluate, bench, classifier)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="malmen", description="Edit many facts into a language model at once (MALMEN).",
+                                formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.formatter_class = HelpFormatter
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from ..facts import FactError
+
+    try:
+        return args.func(args)
+    except (FactError, UsageError) as err:
+        print(f"malmen: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        # user-facing input problems found late (over-long answers, an editor for another model, ...);
+        # MALMEN_DEBUG=1 shows the traceback instead
+        if os.environ.get("MALMEN_DEBUG"):
+            raise
+        print(f"malmen: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("malmen: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "parser", "UsageError"]

@@ -1,0 +1,134 @@
+"""``malmen bench quality | speed | scale``: measurements, not tests (docs/BENCHMARKS.md)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import (DATA_HINT, UsageError, add_common, checked_method, command_line, load, method_options,
+                     read_facts, seed, write_result)
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks (not tests): quality, speed, scale", formatter_class=sub.formatter_class)
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bsub.formatter_class = sub.formatter_class
+
+    from ..methods import all_options
+
+    q = bsub.add_parser("quality", help="ES/GS/LS of several editors against n, unedited beside edited",
+                        formatter_class=sub.formatter_class)
+    add_common(q, target=False)
+    q.add_argument("--methods", nargs="+", required=True,
+                   help="METHOD=EDITOR for methods with a trained editor (e.g. malmen=smollm2-zsre), a plain name "
+                        "otherwise (ft, ft-l)")
+    q.add_argument("--data", nargs="+", required=True, help="NAME=FILE pairs of held-out facts")
+    q.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed split (held-out zsRE: val)")
+    q.add_argument("--targets", nargs="+", choices=["new", "true"], default=["new", "true"],
+                   help="edit in the counterfactual and/or the true answers")
+    q.add_argument("--skip", type=int, default=0, help="skip the first facts (those the editors' checkpoints were selected on)")
+    q.add_argument("--n", nargs="+", type=int, default=[1, 16, 128, 1024, 4096, 16384], help="facts edited at once")
+    q.add_argument("--facts-per-point", type=int, default=1024, help="groups per point: this many facts // n (at least 1)")
+    q.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics (they double the time)")
+    for option in all_options():
+        q.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
+    q.add_argument("--out", required=True, help="directory for results.json/.csv/.md/.png")
+    q.set_defaults(func=quality)
+
+    sp = bsub.add_parser("speed", help="edit throughput and meta-training step time against the LM's own limit",
+                         formatter_class=sub.formatter_class)
+    add_common(sp)
+    sp.add_argument("--editor", help="editor directory or shipped name (default: an untrained editor)")
+    sp.add_argument("--data", required=True, help=DATA_HINT + " (zsRE: validation facts are edited, training facts train)")
+    sp.add_argument("--no-split", action="store_true", help="use --data as it is for both (no zsRE split)")
+    sp.add_argument("--edit-facts", type=int, default=512, help="facts edited at once for the throughput")
+    sp.add_argument("--train-n", nargs="*", type=int, default=[64, 512], help="facts per meta-training step")
+    sp.add_argument("--steps", type=int, default=3, help="timed meta-training steps per n (after one warm-up step)")
+    sp.add_argument("--out", required=True, help="JSON file")
+    sp.set_defaults(func=speed)
+
+    sc = bsub.add_parser("scale", help="peak memory and time of one edit of n synthetic facts (each n in its own process)",
+                         formatter_class=sub.formatter_class)
+    sc.add_argument("--model", default="tiny", help="'tiny' (a small random Llama) or a model name as elsewhere")
+    sc.add_argument("--editor", help="editor directory or shipped name (default: an untrained editor)")
+    sc.add_argument("--n", nargs="+", type=int, default=[1000, 10000, 100000, 1000000], help="facts edited at once")
+    sc.add_argument("--lm-batch-size", type=int, help="facts per LM micro-batch (default: the editor's)")
+    sc.add_argument("--out", required=True, help="JSON file")
+    sc.set_defaults(func=scale)
+
+
+def quality(args: argparse.Namespace) -> int:
+    from ..bench import run_quality, write_outputs
+
+    methods = []
+    for spec in args.methods:
+        name, _, editor = spec.partition("=")
+        methods.append((name, checked_method(name, editor or None), editor or None))
+    datasets = []
+    for spec in args.data:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise UsageError(f"--data {spec!r}: expected NAME=FILE")
+        for target in args.targets:
+            facts = read_facts(path, target, split=args.split, fmt=args.format)[args.skip:]
+            if not facts:
+                raise UsageError(f"{path}: no facts left after skipping {args.skip}")
+            datasets.append((name, target, facts))
+    seed(args)
+    model, tok = load(args)
+    editors = {label: method.build(model, tok, editor, method_options(args)) for label, method, editor in methods}
+    rows = run_quality(editors, datasets, args.n, args.facts_per_point, generate=not args.no_generate,
+                       log=lambda m: print(m, file=sys.stderr))
+    write_outputs(rows, args.out, command_line())
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench.speed import edit_speed, train_speed
+    from ..editor import EditorConfig, MalmenEditor
+    from ..evaluate import peak_rss_mb
+
+    if args.editor:
+        checked_method(None, args.editor)
+    edit_facts = read_facts(args.data, args.target, split=None if args.no_split else "val", limit=args.edit_facts,
+                            fmt=args.format)
+    train = []
+    if args.train_n:
+        train = read_facts(args.data, args.target, split=None if args.no_split else "train",
+                           limit=max(args.train_n) * (args.steps + 1), fmt=args.format)
+    seed(args)
+    model, tok = load(args)
+    editor = MalmenEditor.from_pretrained(args.editor, model, tok) if args.editor else MalmenEditor(model, tok, EditorConfig())
+    result = {"command": command_line(), "model": args.model, "editor": args.editor, "device": str(editor.adapter.device),
+              "torch_threads": torch.get_num_threads()}
+    result.update(edit_speed(editor, edit_facts))
+    print(f"edit: {result['edit_facts_per_s']:.1f} facts/s, limit {result['limit_facts_per_s']:.1f} facts/s, "
+          f"ratio {result['edit_ratio']:.2f}")
+    if args.train_n:
+        result["train"] = []
+        for n in args.train_n:
+            r = train_speed(editor, train, n, args.steps, log=lambda m: print(m, file=sys.stderr))
+            result["train"].append(r)
+            print(f"train n={n}: {r['train_step_s']:.2f} s per step, bound {r['train_step_bound_s']:.2f} s, "
+                  f"ratio {r['train_ratio']:.2f}")
+        first = result["train"][0]
+        result.update(train_step_s=first["train_step_s"], train_step_bound_s=first["train_step_bound_s"],
+                      train_ratio=first["train_ratio"])
+    result["peak_rss_mb"] = peak_rss_mb()
+    write_result(args.out, result)
+    return 0
+
+
+def scale(args: argparse.Namespace) -> int:
+    from ..bench.scale import run_scale
+
+    if args.editor:
+        checked_method(None, args.editor)
+    result = run_scale(args.model, args.editor, args.n, args.lm_batch_size, log=print)
+    result["command"] = command_line()
+    print(f"peak RSS at n={args.n[-1]} / at n={args.n[0]}: {result['rss_ratio']:.3f}")
+    write_result(args.out, result)
+    return 0

@@ -1,0 +1,122 @@
+"""What the commands share: user errors, common options, input checks, loading, output.
+
+Every command checks all of the user's input (fact files to the last record, editor names,
+methods) before it loads a model, so a typo costs a second, not the half minute of a load.
+Nothing here imports torch at module level.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DATA_HINT = "a fact file: zsRE (MEND or EasyEdit fields), CounterFact (EasyEdit or ROME), or JSONL with prompt/target"
+
+
+class UsageError(Exception):
+    """Bad user input: reported as one line, exit code 2."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none worth showing (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_common(sp: argparse.ArgumentParser, target: bool = True) -> None:
+    """--model, --device, --dtype, --target, --seed, --format."""
+    from ..registry import DEFAULT_MODEL
+
+    sp.add_argument("--model", default=DEFAULT_MODEL, help="alias, HF directory/hub id, or .gguf file")
+    sp.add_argument("--device", default="cpu", help="torch device of the LM, hyper-network and solver (cpu, cuda, cuda:1, ...)")
+    sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="LM dtype; hyper-network and solver stay fp32")
+    if target:
+        sp.add_argument("--target", default="new", choices=["new", "true"], help="edit in the counterfactual (new) or the true answer")
+    sp.add_argument("--seed", type=int, default=0, help="random seed")
+    sp.add_argument("--format", default="auto", metavar="FORMAT",
+                    help="fact file format: auto (detected from the fields), a format name, or counterfact-claims "
+                         "(fact-checking edits derived from CounterFact)")
+
+
+def add_method_options(sp: argparse.ArgumentParser) -> None:
+    """--editor, --method and every method's own options (methods.py)."""
+    from ..methods import METHODS, all_options
+
+    sp.add_argument("--editor", help="trained editor: a directory or a shipped name (for methods that need none, "
+                                     "it only names the layers to edit)")
+    sp.add_argument("--method", choices=list(METHODS),
+                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) +
+                         " (default: the method the editor was trained for)")
+    for option in all_options():
+        sp.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    from ..methods import all_options
+
+    return {o.dest: getattr(args, o.dest) for o in all_options() if hasattr(args, o.dest)}
+
+
+def checked_method(name: str | None, editor: str | None):
+    """The method asked for, with its editor checked (no model loaded yet)."""
+    from ..methods import method_for
+
+    try:
+        method = method_for(name, editor)
+        method.check(editor)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    return method
+
+
+def read_facts(path: str, target: str, split: str | None = None, limit: int | None = None,
+               check_conflicts: bool = False, fmt: str = "auto") -> list:
+    """The facts of a file (the first ``limit``), every one checked; a UsageError when none."""
+    from ..datasets import load_facts
+
+    facts = []
+    for fact in load_facts(path, target=target, fmt=fmt, split=split, check_conflicts=check_conflicts):
+        facts.append(fact)
+        if limit is not None and len(facts) >= limit:
+            break
+    if not facts:
+        raise UsageError(f"{path}: no facts{' in the ' + split + ' split' if split else ''}")
+    return facts
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer) of ``--model`` in ``--dtype`` on ``--device``."""
+    import torch
+
+    from ..models import load_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    return load_model(args.model, dtype=dtype, device=args.device)
+
+
+def seed(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(getattr(args, "seed", 0))
+
+
+def progress(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="fact", dynamic_ncols=True, disable=None)
+
+
+def write_result(path: str, result: dict) -> None:
+    from ..io import write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    print(f"wrote {path}")
+
+
+def command_line() -> str:
+    return "malmen " + " ".join(sys.argv[1:])

@@ -1,0 +1,47 @@
+"""``malmen eval``: edit N facts at once (in groups) and report ES/GS/LS, edited beside unedited."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import (DATA_HINT, UsageError, add_common, add_method_options, checked_method, load, method_options,
+                     read_facts, seed, write_result)
+
+
+def add_parser(sub) -> None:
+    v = sub.add_parser("eval", help="edit N facts at once and report ES/GS/LS, edited and unedited",
+                       formatter_class=sub.formatter_class)
+    add_common(v)
+    add_method_options(v)
+    v.add_argument("--data", required=True, help=DATA_HINT)
+    v.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed zsRE split")
+    v.add_argument("--n-edits", type=int, default=128, help="facts edited at once")
+    v.add_argument("--groups", type=int, default=1, help="number of groups of n facts (each edited and reverted)")
+    v.add_argument("--skip", type=int, default=0,
+                   help="skip the first facts (e.g. 128: the validation facts malmen train selects its best checkpoint on)")
+    v.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics")
+    v.add_argument("--out", help="results JSON")
+    v.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate, table
+
+    method = checked_method(args.method, args.editor)
+    facts = read_facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups,
+                       fmt=args.format)[args.skip:]
+    if not facts:
+        raise UsageError(f"{args.data}: no facts left after skipping {args.skip}")
+    if len(facts) < args.n_edits:
+        print(f"note: only {len(facts)} facts available; editing all of them at once", file=sys.stderr)
+    seed(args)
+    model, tok = load(args)
+    editor = method.build(model, tok, args.editor, method_options(args))
+    result = evaluate(editor, facts, args.n_edits, generate=not args.no_generate,
+                      progress=lambda m: print(m, file=sys.stderr))
+    result.update(method=method.name, editor=str(args.editor), skip=args.skip, data=str(args.data),
+                  target=args.target, split=args.split, model=args.model)
+    print(table(result))
+    if args.out:
+        write_result(args.out, result)
+    return 0

@@ -1,0 +1,131 @@
+"""``malmen train``: meta-train an editor; resumes from RUN_DIR/last."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from .common import DATA_HINT, UsageError, add_common, load, read_facts, seed
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="meta-train an editor (hyper-network)", formatter_class=sub.formatter_class)
+    add_common(t)
+    t.add_argument("--data", nargs="+", required=True, help=DATA_HINT + "; zsRE files use the fixed train split")
+    t.add_argument("--val-data", help="validation facts (default: the fixed zsRE validation split of the first --data file)")
+    t.add_argument("--no-split", action="store_true", help="use all of --data for training (validation: --val-data or its last facts)")
+    t.add_argument("--out", required=True, help="run directory: best/, last/ (resumed from if present), train_log.jsonl")
+    t.add_argument("--method", default="malmen", choices=["malmen", "mend", "sum"],
+                   help="aggregation: malmen (normal equation) or mend (= sum, MEND's)")
+    t.add_argument("--init-editor", help="continue meta-training this editor (directory or shipped name) with new settings; "
+                   "a run directory's last/ still takes precedence")
+    t.add_argument("--modules", nargs="+", help="edited linear layers (default: MLP output of the last 6 blocks); "
+                   "with --init-editor, the editor is moved to these, each new one starting as the editor's nearest layer")
+    t.add_argument("--eta-factor", type=float, default=1.0,
+                   help="with --init-editor and new --modules: scale every step by this (e.g. 0.5 for twice the layers)")
+    t.add_argument("--rank", type=int, default=256, help="rank of the hyper-network's blocks (the paper: 1920 on GPT-J)")
+    t.add_argument("--blocks", type=int, default=2, help="residual blocks of the hyper-network")
+    t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")
+    t.add_argument("--steps", type=int, default=1000, help="train until this step (counted over resumes)")
+    t.add_argument("--max-minutes", type=float, help="stop after this long (best checkpoint kept)")
+    t.add_argument("--lr", type=float, default=1e-4, help="Adam lr of the hyper-network's weights")
+    t.add_argument("--scalar-lr", type=float, default=1e-2, help="Adam lr of log-step and log-lambda")
+    t.add_argument("--c-loc", type=float, default=1.0, help="weight of the locality loss")
+    t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
+    t.add_argument("--val-every", type=int, default=50, help="validate (and checkpoint) every this many steps")
+    t.add_argument("--val-n", type=int, default=128, help="validation facts edited at once")
+    t.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch")
+    t.add_argument("--hyper-batch-size", type=int, default=4096, help="tokens per hyper-network chunk")
+    t.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the keys and value-gradients a step keeps (the hyper-network and solver run in fp32)")
+    t.add_argument("--cache-budget-mb", type=float, help="spill them to memory-mapped files above this size")
+    t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eta_factor != 1.0 and not (args.init_editor and args.modules):
+        raise UsageError("--eta-factor needs --init-editor and --modules (it scales the steps of a moved editor)")
+    if args.init_editor:
+        from ..registry import editor_config
+
+        try:
+            editor_config(args.init_editor)
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from None
+    train = []
+    for path in args.data:
+        train += read_facts(path, args.target, split=None if args.no_split else "train", fmt=args.format)
+    val = read_facts(args.val_data or args.data[0], args.target,
+                     split=None if (args.no_split or args.val_data) else "val", fmt=args.format)
+    if not args.val_data and args.no_split:
+        val = train[-args.val_n:]
+        train = train[:-args.val_n]
+    seed(args)
+    model, tok = load(args)
+    trainer = build_trainer(args, model, tok, train, val)
+    return fit(args, trainer)
+
+
+def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
+    """A Trainer for a new editor, an editor continued (``--init-editor``) or a run resumed."""
+    from ..editor import EditorConfig, MalmenEditor
+    from ..hypernet import HyperConfig
+    from ..train import TrainConfig, Trainer
+
+    try:
+        if args.init_editor:  # its rank and aggregation win over the flags
+            editor = MalmenEditor.from_pretrained(args.init_editor, model, tok)
+            if args.modules and list(args.modules) != editor.modules:
+                editor = editor.transplanted(args.modules, args.eta_factor)
+            editor.config.lm_batch_size, editor.config.hyper_batch_size = args.lm_batch_size, args.hyper_batch_size
+        else:
+            config = EditorConfig(modules=args.modules or [], aggregation={"mend": "sum"}.get(args.method, args.method),
+                                  hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
+                                  lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size)
+            editor = MalmenEditor(model, tok, config)
+        tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
+                         c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
+                         seed=args.seed, max_minutes=args.max_minutes, cache_dtype=args.cache_dtype,
+                         cache_budget_mb=args.cache_budget_mb)
+        trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    if not trainer.resume() and args.init_editor:
+        trainer.start_from(editor.metadata)
+    return trainer
+
+
+def fit(args: argparse.Namespace, trainer) -> int:
+    """Train with a progress bar and one line of train_log.jsonl per step."""
+    from tqdm import tqdm
+
+    from ..evaluate import peak_rss_mb
+
+    editor, tc = trainer.editor, trainer.config
+    print(f"training {editor.config.aggregation} on {len(trainer.train)} facts ({len(trainer.val)} validation), "
+          f"{tc.n_edits} facts per step, modules {editor.modules}", file=sys.stderr)
+    bar = tqdm(total=tc.steps, initial=trainer.step_index, desc="meta-training", unit="step", dynamic_ncols=True, disable=None)
+    log_path = Path(args.out) / "train_log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():  # after an interruption: drop the steps that will be redone
+        kept = [line for line in log_path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= trainer.step_index]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    def progress(step: int, stats: dict) -> None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("gen_loss", "loc_loss", "val_ES", "val_GS", "val_LS")})
+        with open(log_path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        if "val_score" in stats:
+            tqdm.write(f"step {step}: val ES {stats['val_ES']:.3f} GS {stats['val_GS']:.3f} LS {stats['val_LS']:.3f}", file=sys.stderr)
+
+    result = trainer.fit(progress)
+    bar.close()
+    times = [h["seconds"] for h in trainer.history[1:]] or [h["seconds"] for h in trainer.history]
+    print(f"done: {result['steps']} steps, best validation score {result['best_score']:.3f}, "
+          f"median {statistics.median(times) if times else float('nan'):.2f} s per step, peak RSS {peak_rss_mb():.0f} MB; "
+          f"best editor in {Path(args.out) / 'best'}")
+    return 0

@@ -1,0 +1,133 @@
+"""Editing methods by name: the one interface the command line, the evaluation and the benchmarks see.
+
+Every method builds an editor that offers
+
+    editor.modules                        the edited linear layers
+    editor.adapter                        how the model is fed (adapters/)
+    editor.config.lm_batch_size           facts per LM micro-batch
+    editor.shifts(facts) -> {module: S}   the parameter shift of every edited layer
+    editor.edit(facts) -> EditHandle      applies them; ``handle.revert()`` restores the weights exactly
+
+and, when it has learned state, ``save_pretrained(path)`` and ``from_pretrained(path, model,
+tokenizer)``.  A method is a file of its own plus one entry in ``METHODS``: its factory is named
+by a string and imported only when the method is built, so the command line checks a user's
+input (which methods, which editor) without loading torch.
+
+    from malmen.methods import METHODS
+    editor = METHODS["ft-l"].build(model, tokenizer, options={"ft_linf": 1e-4})
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+
+class Editor(Protocol):
+    """What every method's editor offers (see the module docstring)."""
+
+    modules: list[str]
+
+    def shifts(self, facts: Iterable, progress=None) -> dict: ...
+
+    def edit(self, facts: Iterable, progress=None): ...
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting of a method, offered on the command line as ``--flag`` (its dest is the key)."""
+
+    flag: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named editing method.
+
+    ``factory`` ("module:function" inside malmen) is called as
+    ``function(model, tokenizer, editor=..., options=..., method=self)`` and returns an editor.
+    ``trained``: the method needs a trained editor (a directory or a shipped name); with
+    ``aggregation`` set, that editor must have been trained with it.
+    """
+
+    name: str
+    factory: str
+    summary: str
+    trained: bool = False
+    aggregation: str | None = None
+    options: tuple[Option, ...] = field(default=())
+
+    def check(self, editor: str | None) -> dict | None:
+        """Check, without loading any model, that ``editor`` suits this method; its editor.json.
+
+        Raises ValueError or FileNotFoundError with a message for the user."""
+        from .registry import editor_config
+
+        if editor is None:
+            if self.trained:
+                raise ValueError(f"--method {self.name} needs a trained editor (--editor DIR or a shipped name)")
+            return None
+        config = editor_config(editor)
+        trained_with = config["config"].get("aggregation")
+        if self.aggregation is not None and trained_with != self.aggregation:
+            fitting = [m.name for m in METHODS.values() if m.aggregation == trained_with]
+            raise ValueError(f"{editor} was trained with {trained_with!r} aggregation, so it serves "
+                             f"--method {', '.join(fitting) or '?'}, not --method {self.name}")
+        return config
+
+    def build(self, model, tokenizer, editor: str | None = None, options: dict | None = None):
+        """The method's editor for ``model`` (``options``: values of its ``Option``s by dest)."""
+        self.check(editor)
+        settings = {o.dest: o.default for o in self.options}
+        settings.update({k: v for k, v in (options or {}).items() if k in settings})
+        module, _, function = self.factory.partition(":")
+        build = getattr(importlib.import_module(f".{module}", __package__), function)
+        return build(model, tokenizer, editor=editor, options=settings, method=self)
+
+
+FT_OPTIONS = (
+    # defaults: the best mean of ES/GS/LS at n = 128 on SmolLM2 among four settings (docs/RESULTS.md)
+    Option("--ft-steps", int, 10, "ft/ft-l: Adam steps on the facts"),
+    Option("--ft-lr", float, 5e-3, "ft/ft-l: Adam learning rate"),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts",
+           trained=True, aggregation="malmen"),
+    Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
+           trained=True, aggregation="sum"),
+    Method("ft", "baselines.ft:from_method", "fine-tune the edited layers on the facts (Adam)", options=FT_OPTIONS),
+    Method("ft-l", "baselines.ft:from_method", "FT with every weight change bounded (ROME/MEMIT's FT-L)",
+           options=FT_OPTIONS + (Option("--ft-linf", float, 5e-4, "ft-l: bound on each weight change"),)),
+)}
+
+
+def method_for(name: str | None, editor: str | None) -> Method:
+    """The method a user asked for; without a name, the one a trained editor was trained for."""
+    if name is not None:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        return METHODS[name]
+    if editor is None:
+        raise ValueError("give a trained editor (--editor DIR or a shipped name) or a --method that needs none "
+                         f"({', '.join(m.name for m in METHODS.values() if not m.trained)})")
+    from .registry import editor_config
+
+    aggregation = editor_config(editor)["config"].get("aggregation")
+    return next(m for m in METHODS.values() if m.trained and m.aggregation == aggregation)
+
+
+def all_options() -> list[Option]:
+    """Every method's options, each once (the command line offers them all)."""
+    seen: dict[str, Option] = {}
+    for method in METHODS.values():
+        for option in method.options:
+            seen.setdefault(option.flag, option)
+    return list(seen.values())

@@ -1,0 +1,39 @@
+"""Wall-clock timing of work that may run asynchronously on an accelerator.
+
+CUDA kernels return before they finish, so a clock read without synchronising measures the
+launches, not the work.  Every timing of model work goes through ``timed``.
+
+    with timed(device) as t:
+        editor.edit(facts)
+    print(t.seconds)
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    seconds: float = float("nan")
+
+
+@contextmanager
+def timed(device: torch.device | str | None) -> Iterator[Timing]:
+    """Seconds of the work done inside the block, on ``device``, synchronised at both ends."""
+    result = Timing()
+    synchronize(device)
+    start = time.perf_counter()
+    yield result
+    synchronize(device)
+    result.seconds = time.perf_counter() - start
