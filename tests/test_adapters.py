@@ -134,3 +134,44 @@ def test_answer_logits_are_the_models_own_after_its_output_processing(family):
     # the processing matters here: the raw head output differs from the model's logits
     hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     assert not torch.allclose(model.get_output_embeddings()(hidden[batch.mask]), full, atol=1e-3)
+
+
+def test_key_positions_answer_first_and_subject():
+    from malmen.adapters import CausalLMAdapter
+
+    tok = tiny.tokenizer()
+    adapter = CausalLMAdapter(tiny.llama(), tok)
+    prompts, answers = ["what is the capital of w12 and w7", "who wrote w3"], ["paris rome", "alpha beta gamma"]
+    batch = adapter.batch(prompts, answers, subjects=["capital of w12", None])
+    answer = adapter.key_masks(batch, [], "answer")
+    assert answer.sum(1).tolist() == [2, 3] and torch.equal(answer, batch.mask)
+    first = adapter.key_masks(batch, [], "first")
+    assert first.sum(1).tolist() == [1, 1] and torch.equal(first & answer, first)
+    assert first[0].nonzero().item() == answer[0].nonzero()[0].item()  # predicts the first answer token
+    subject = adapter.key_masks(batch, [], "subject")
+    ids = batch.input_ids
+    assert subject.sum(1).tolist() == [1, 1]
+    assert ids[0, subject[0]].item() == tok.convert_tokens_to_ids("w12")                      # last subject token
+    assert subject[1].nonzero().item() == first[1].nonzero().item()                          # no subject: last prompt token
+    assert adapter.batch(["who wrote w3"], ["alpha"], subjects=["w99"]).subject_mask[0].nonzero().item() == 2  # not found
+    with pytest.raises(ValueError, match="made with subjects"):
+        adapter.key_masks(adapter.batch(prompts, answers), [], "subject")
+
+
+@pytest.mark.parametrize("keys", ["first", "subject"])
+def test_editing_with_keys_at_other_positions_edits_and_reverts(keys):
+    import dataclasses
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0), lm_batch_size=4, keys=keys))
+    facts = [dataclasses.replace(f, subject=f.prompt.split()[-1]) for f in tiny.facts(6)]
+    before = weights(model)
+    seen = []
+    real = editor.adapter.key_masks
+    editor.adapter.key_masks = lambda b, n, where="answer": seen.append(where) or real(b, n, where)
+    handle = editor.edit(facts)
+    assert set(seen) == {keys} and all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in handle.shifts.values())
+    handle.revert()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="reads keys at"):
+        MalmenEditor(tiny.t5(), tok, EditorConfig(keys=keys))

@@ -39,14 +39,19 @@ def test_counterfact_and_user_facts():
 
 def test_split_is_fixed_and_disjoint():
     facts = [Fact(prompt=f"p{i}", target="t", uid=str(i)) for i in range(100)]
-    val = [f for f in facts if split_of(f) == "val"]
-    assert [f.uid for f in val] == [str(i) for i in range(0, 100, 10)]
+    parts = {name: [int(f.uid) for f in facts if split_of(f) == name] for name in ("train", "val", "test")}
+    assert parts["val"] == list(range(0, 100, 10))
+    assert parts["test"] == [i for i in range(100) if i % 10 in (1, 2, 3)]
+    assert sorted(parts["train"] + parts["val"] + parts["test"]) == list(range(100))
+    # without a case_id, the SHA-1 of the prompt decides, the same way every time
+    assert [split_of(Fact(prompt=f"q{i}", target="t")) for i in range(50)] == \
+        [split_of(Fact(prompt=f"q{i}", target="x")) for i in range(50)]
     if (SHARED / "zsre" / "zsre_mend_eval_with_subject.json").is_file():
         path = SHARED / "zsre" / "zsre_mend_eval_with_subject.json"
-        train = {f.uid for f in load_facts(path, split="train")}
-        val = [f for f in load_facts(path, split="val")]
-        assert val and all(int(f.uid) % 10 == 0 for f in val)
-        assert train and not train & {f.uid for f in val}
+        uids = {name: {f.uid for f in load_facts(path, split=name)} for name in ("train", "val", "test")}
+        assert all(int(u) % 10 == 0 for u in uids["val"]) and all(int(u) % 10 in (1, 2, 3) for u in uids["test"])
+        assert len(uids["test"]) >= 4096  # n = 4,096 can be measured on held-out facts
+        assert not (uids["train"] & uids["val"] or uids["train"] & uids["test"] or uids["val"] & uids["test"])
 
 
 BAD = [

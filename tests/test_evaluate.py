@@ -65,5 +65,5 @@ def test_gs_chat_asks_the_rephrase_through_the_chat_template():
     assert len(metrics["GS_chat"]) == 4
     assert [f"nq question {f.rephrases[0]} a " for f in facts] == asked[-4:]
     # the answer follows the template's turn directly: no extra space before it
-    ids, start = editor.adapter.encode("nq question who a ", "paris")
+    ids, start, _ = editor.adapter.encode("nq question who a ", "paris")
     assert ids[start:] == tok("paris", add_special_tokens=False)["input_ids"]

@@ -82,11 +82,11 @@ def test_conflicting_facts_are_refused_duplicates_allowed(tmp_path):
 
 
 def test_zero_gradients_give_a_zero_finite_shift():
-    from malmen.solver import NormalEquation
+    from malmen.solver import NormalEquation, Tokens
 
     agg = NormalEquation(4, 3)
-    agg.accumulate(torch.randn(5, 4), torch.randn(5, 4), torch.zeros(5, 3), torch.tensor(1.0))
-    assert torch.equal(agg.solve(1.0), torch.zeros(4, 3))
+    agg.accumulate(Tokens(torch.randn(5, 4), torch.randn(5, 4), torch.zeros(5, 3), torch.tensor(1.0)))
+    assert torch.equal(agg.solve(1.0).shift, torch.zeros(4, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from malmen.solver import NormalEquation, SumAggregation, cholesky, value_differences
+from malmen.solver import AGGREGATIONS, JointNormalEquation, NormalEquation, SumAggregation, Tokens, cholesky, value_differences
 
 
 def random_problem(n=7, a=5, b=3, seed=0):
@@ -25,13 +25,13 @@ def test_backward_through_solve_matches_autograd():
     (S * G).sum().backward()
 
     agg = NormalEquation(keys.shape[1], pgrads.shape[1])
-    agg.accumulate(keys, pkeys, pgrads, eta)
-    ours_S = agg.solve(lam)
-    assert torch.allclose(ours_S.double(), S.detach(), atol=1e-5)
-    dlam = agg.backward(G)
-    assert torch.allclose(dlam.double(), lam_r.grad, rtol=1e-4)
+    agg.accumulate(Tokens(keys, pkeys, pgrads, eta))
+    solution = agg.solve(lam)
+    assert torch.allclose(solution.shift.double(), S.detach(), atol=1e-5)
+    adjoint = solution.backward(G)
+    assert torch.allclose(adjoint.dlam.double(), lam_r.grad, rtol=1e-4)
     pk2, pg2, eta2 = (x.clone().requires_grad_() for x in (pkeys, pgrads, eta))
-    agg.surrogate(keys, pk2.float(), pg2.float(), eta2.float()).backward()
+    adjoint.surrogate(Tokens(keys, pk2.float(), pg2.float(), eta2.float())).backward()
     assert torch.allclose(pk2.grad, pk.grad, rtol=1e-4, atol=1e-6)
     assert torch.allclose(pg2.grad, pg.grad, rtol=1e-4, atol=1e-6)
     assert torch.allclose(eta2.grad, eta_r.grad, rtol=1e-4)
@@ -44,11 +44,12 @@ def test_sum_aggregation_backward_matches_autograd():
     S = -eta * pk.t() @ pg
     (S * G).sum().backward()
     agg = SumAggregation(keys.shape[1], pgrads.shape[1])
-    agg.accumulate(keys, pkeys.float(), pgrads.float(), eta.float())
-    assert torch.allclose(agg.solve().double(), S.detach(), atol=1e-5)
-    agg.backward(G)
+    agg.accumulate(Tokens(keys, pkeys.float(), pgrads.float(), eta.float()))
+    solution = agg.solve()
+    assert torch.allclose(solution.shift.double(), S.detach(), atol=1e-5)
+    adjoint = solution.backward(G)
     pk2, pg2 = pkeys.float().requires_grad_(), pgrads.float().requires_grad_()
-    agg.surrogate(keys, pk2, pg2, eta.float()).backward()
+    adjoint.surrogate(Tokens(keys, pk2, pg2, eta.float())).backward()
     assert torch.allclose(pk2.grad.double(), pk.grad, atol=1e-5)
     assert torch.allclose(pg2.grad.double(), pg.grad, atol=1e-5)
 
@@ -59,18 +60,18 @@ def test_streaming_sums_equal_dense_solve():
     eta, lam = torch.tensor(0.2), 0.1
     streamed = NormalEquation(8, 4)
     for s in range(0, 50, 7):
-        streamed.accumulate(keys[s:s + 7], pkeys[s:s + 7], pgrads[s:s + 7], eta)
+        streamed.accumulate(Tokens(keys[s:s + 7], pkeys[s:s + 7], pgrads[s:s + 7], eta))
     K, D = keys.double(), value_differences(keys, pkeys, pgrads, eta).double()
     dense = torch.linalg.solve(K.t() @ K + lam * torch.eye(8, dtype=torch.float64), K.t() @ D)
-    assert torch.allclose(streamed.solve(lam).double(), dense, atol=1e-5)
+    assert torch.allclose(streamed.solve(lam).shift.double(), dense, atol=1e-5)
     assert streamed.tokens == 50
 
 
 def test_fewer_tokens_than_key_size_and_identical_keys_stay_finite():
     agg = NormalEquation(16, 4)
     k = torch.ones(3, 16)  # identical keys, n < a
-    agg.accumulate(k, torch.randn(3, 16), torch.randn(3, 4), torch.tensor(1.0))
-    S = agg.solve(1e-3)
+    agg.accumulate(Tokens(k, torch.randn(3, 16), torch.randn(3, 4), torch.tensor(1.0)))
+    S = agg.solve(1e-3).shift
     assert torch.isfinite(S).all()
     # the solve fits the (averaged) target on the shared key
     assert S.abs().sum() > 0
@@ -82,3 +83,68 @@ def test_cholesky_jitter_warns_on_singular_matrix():
     with pytest.warns(RuntimeWarning, match="ill-conditioned"):
         factor = cholesky(m)
     assert torch.isfinite(factor).all()
+
+
+def test_joint_solve_and_its_backward_match_autograd():
+    """Two modules of key sizes 5 and 4, one output size: the joint solve equals the dense stacked
+    least squares, and its backward (lambdas, pseudo keys and gradients, steps) equals autograd."""
+    g = torch.Generator().manual_seed(3)
+    n, sizes, b = 9, {"m1": 5, "m2": 4}, 3
+    keys = {m: torch.randn(n, a, generator=g, dtype=torch.float64) for m, a in sizes.items()}
+    pkeys = {m: torch.randn(n, a, generator=g, dtype=torch.float64) for m, a in sizes.items()}
+    pgrads = {m: torch.randn(n, b, generator=g, dtype=torch.float64) for m in sizes}
+    G = {m: torch.randn(a, b, generator=g, dtype=torch.float64) for m, a in sizes.items()}
+    etas = {"m1": torch.tensor(0.3, dtype=torch.float64), "m2": torch.tensor(0.8, dtype=torch.float64)}
+    lams = {"m1": torch.tensor(0.7, dtype=torch.float64), "m2": torch.tensor(0.2, dtype=torch.float64)}
+
+    leaf = {k: {m: t.clone().requires_grad_() for m, t in d.items()} for k, d in
+            (("pk", pkeys), ("pg", pgrads), ("eta", etas), ("lam", lams))}
+    K = torch.cat([keys[m] for m in sizes], -1)
+    D = sum(value_differences(keys[m], leaf["pk"][m], leaf["pg"][m], leaf["eta"][m]) for m in sizes)
+    reg = torch.diag(torch.cat([leaf["lam"][m] * torch.ones(a, dtype=torch.float64) for m, a in sizes.items()]))
+    S = torch.linalg.solve(K.t() @ K + reg, K.t() @ D)
+    (S * torch.cat([G[m] for m in sizes])).sum().backward()
+
+    agg = JointNormalEquation({m: (a, b) for m, a in sizes.items()})
+    for s in (slice(0, 4), slice(4, 9)):  # streamed in two chunks
+        agg.accumulate({m: Tokens(keys[m][s], pkeys[m][s], pgrads[m][s], etas[m]) for m in sizes})
+    solution = agg.solve(lams)
+    assert torch.allclose(torch.cat([solution.shifts[m] for m in sizes]).double(), S.detach(), atol=1e-5)
+    adjoint = solution.backward(G)
+    for m in sizes:
+        assert torch.allclose(adjoint.dlam[m].double(), leaf["lam"][m].grad, rtol=1e-4), m
+    mine = {k: {m: t.clone().float().requires_grad_() for m, t in d.items()} for k, d in
+            (("pk", pkeys), ("pg", pgrads), ("eta", etas))}
+    adjoint.surrogate({m: Tokens(keys[m], mine["pk"][m], mine["pg"][m], mine["eta"][m]) for m in sizes}).backward()
+    for k in ("pk", "pg", "eta"):
+        for m in sizes:
+            assert torch.allclose(mine[k][m].grad.double(), leaf[k][m].grad, rtol=1e-4, atol=1e-6), (k, m)
+
+
+def test_joint_solve_refuses_modules_of_other_output_sizes_or_tokens():
+    with pytest.raises(ValueError, match="one output size"):
+        JointNormalEquation({"a": (4, 3), "b": (4, 5)})
+    agg = AGGREGATIONS["joint"]({"a": (4, 3), "b": (2, 3)})
+    t = lambda n, a: Tokens(torch.randn(n, a), torch.randn(n, a), torch.randn(n, 3), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="same tokens"):
+        agg.accumulate({"a": t(5, 4), "b": t(4, 2)})
+
+
+def test_joint_solve_fits_more_keys_than_one_module_has_dimensions():
+    """The point of the joint solve: 12 keys with independent targets fit exactly in two 8-dim
+    modules together (16 dimensions), not in one of them alone."""
+    g = torch.Generator().manual_seed(0)
+    n, a, b = 12, 8, 2
+    keys = {m: torch.randn(n, a, generator=g) for m in ("m1", "m2")}
+    target = torch.randn(n, b, generator=g)
+    # d_j as value_differences gives it: -eta (k~ . k) g~ with k~ = k / |k|^2 and g~ = -target (split over modules)
+    tokens = {m: Tokens(keys[m], keys[m] / keys[m].pow(2).sum(-1, keepdim=True), -target / 2, torch.tensor(1.0))
+              for m in keys}
+    joint = AGGREGATIONS["joint"]({m: (a, b) for m in keys})
+    joint.accumulate(tokens)
+    shifts = joint.solve({m: torch.tensor(1e-6) for m in keys}).shifts
+    fitted = sum(keys[m] @ shifts[m] for m in keys)
+    assert torch.allclose(fitted, target, atol=1e-3)
+    alone = NormalEquation(a, b)
+    alone.accumulate(Tokens(keys["m1"], tokens["m1"].pkeys, -target, torch.tensor(1.0)))
+    assert (keys["m1"] @ alone.solve(1e-6).shift - target).abs().max() > 0.1

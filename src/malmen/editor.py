@@ -5,8 +5,9 @@
     ...
     handle.revert()                      # bitwise the original weights
 
-Methods differ only in their aggregation (``solver.AGGREGATIONS``): 'malmen' (normal equation)
-or 'sum' (MEND).  Everything else is shared.
+Methods differ only in their aggregation (``solver.AGGREGATIONS``): 'malmen' (normal equation
+per module), 'joint' (one normal equation over all modules' keys) or 'sum' (MEND).  Everything
+else is shared.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .facts import Fact, distinct
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .adapters import Adapter, Batch, adapter_for
 from .models import model_identity, same_weights, weight_sample
-from .solver import AGGREGATIONS
+from .solver import AGGREGATIONS, Tokens
 from .tracing import KeyGradTrace
 
 FORMAT = registry.FORMAT
@@ -35,10 +36,11 @@ class EditorConfig:
     """What an editor edits and how; saved in editor.json beside the weights."""
 
     modules: list[str] = field(default_factory=list)   # empty: the adapter's default
-    aggregation: str = "malmen"                         # 'malmen' or 'sum' (MEND)
+    aggregation: str = "malmen"                         # 'malmen', 'joint' or 'sum' (MEND)
     hyper: HyperConfig = field(default_factory=HyperConfig)
     lm_batch_size: int = 32                             # facts per LM micro-batch
     hyper_batch_size: int = 4096                        # tokens per hyper-network chunk
+    keys: str = "answer"                                # where keys are read: answer, first or subject (adapters)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,9 +70,10 @@ def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return per_fact_sum(token_loss, batch.mask)
 
 
-def trace(adapter: Adapter, modules: Sequence[str], batch: Batch) -> tuple[dict, dict]:
-    """Keys and value-gradients at the answer tokens of one teacher-forced batch."""
-    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, adapter.key_masks(batch, modules)) as t:
+def trace(adapter: Adapter, modules: Sequence[str], batch: Batch, where: str = "answer") -> tuple[dict, dict]:
+    """Keys and value-gradients of one teacher-forced batch, at the key positions ``where``
+    (``Adapter.key_masks``: every answer token by default)."""
+    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, adapter.key_masks(batch, modules, where)) as t:
         loss = finetune_loss(adapter.answer_logits(batch), batch)
         loss.backward()
     return t.keys, t.grads
@@ -171,6 +174,9 @@ class MalmenEditor:
         shapes = shapes_of(model, self.config.modules)
         if self.config.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.config.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        if self.config.keys not in self.adapter.key_positions:
+            raise ValueError(f"{type(self.adapter).__name__} reads keys at {', '.join(self.adapter.key_positions)}, "
+                             f"not {self.config.keys!r}")
         self.hypernet = hypernet or HyperNetwork(shapes, self.config.hyper)
         if self.hypernet.shapes != shapes:
             raise ValueError(f"editor was built for modules {self.hypernet.shapes}, model has {shapes}")
@@ -181,46 +187,58 @@ class MalmenEditor:
     def modules(self) -> list[str]:
         return self.config.modules
 
-    def new_aggregators(self) -> dict:
-        """Empty sufficient statistics (solver.py), one per edited module."""
-        cls = AGGREGATIONS[self.config.aggregation]
-        return {name: cls(*self.hypernet.shapes[name], device=self.adapter.device) for name in self.modules}
+    def new_aggregator(self):
+        """Empty sufficient statistics of the editor's aggregation (solver.py), over all its modules."""
+        return AGGREGATIONS[self.config.aggregation](self.hypernet.shapes, device=self.adapter.device)
 
     def batches(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[Batch]:
         """Teacher-forced LM micro-batches of ``facts``, grouped by length to waste little padding."""
         for group in bucketed(facts, self.config.lm_batch_size, lambda f: len(prompt(f)) + len(f.target)):
-            yield self.adapter.batch([prompt(f) for f in group], [f.target for f in group])
+            subjects = [f.subject for f in group] if self.config.keys == "subject" else None
+            yield self.adapter.batch([prompt(f) for f in group], [f.target for f in group], subjects)
 
-    def accumulate(self, aggregators: dict, keys: dict, grads: dict) -> None:
-        """Feed one traced micro-batch through the hyper-network into the aggregators."""
-        with torch.no_grad():
+    def chunks(self, keys: dict, grads: dict) -> Iterator[dict[str, Tokens]]:
+        """The traced tokens through the hyper-network, ``hyper_batch_size`` tokens at a time, every
+        module's tokens of a chunk together (a joint solve needs them side by side).  Gradients flow
+        to the hyper-network when the caller enables grad."""
+        counts = {name: keys[name].shape[0] for name in self.modules}
+        device = self.adapter.device
+        for s in chunks(max(counts.values()), self.config.hyper_batch_size):
+            chunk = {}
             for name in self.modules:
-                eta = self.hypernet.eta(name)
-                k, g = keys[name], grads[name]
-                for s in chunks(k.shape[0], self.config.hyper_batch_size):
-                    ks, gs = k[s].to(self.adapter.device), g[s].to(self.adapter.device)  # cached keys may be on disk
-                    pk, pg = self.hypernet(name, ks, gs)
-                    aggregators[name].accumulate(ks, pk, pg, eta)
+                if s.start >= counts[name]:
+                    continue  # modules may see fewer tokens (a T5 decoder layer against its encoder)
+                ks, gs = keys[name][s].to(device), grads[name][s].to(device)  # cached keys may be on disk
+                pk, pg = self.hypernet(name, ks, gs)
+                chunk[name] = Tokens(ks, pk, pg, self.hypernet.eta(name))
+            yield chunk
 
-    def solve(self, aggregators: dict) -> dict[str, torch.Tensor]:
-        """Each module's shift from its accumulated statistics and its learned lambda."""
+    def accumulate(self, aggregator, keys: dict, grads: dict) -> None:
+        """Feed one traced micro-batch through the hyper-network into the aggregator."""
         with torch.no_grad():
-            return {name: aggregators[name].solve(self.hypernet.lam(name)) for name in self.modules}
+            for chunk in self.chunks(keys, grads):
+                aggregator.accumulate(chunk)
+
+    def solve(self, aggregator):
+        """The solution (``.shifts``: each module's shift) of the accumulated statistics, with the
+        learned lambdas."""
+        with torch.no_grad():
+            return aggregator.solve({name: self.hypernet.lam(name) for name in self.modules})
 
     def shifts(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
         """The shift of every edited module for all ``facts`` (streamed; memory flat in their number
         but for one fingerprint per distinct fact: identical facts count once)."""
-        aggregators = self.new_aggregators()
+        aggregator = self.new_aggregator()
         seen = 0
         for batch in self.batches(distinct(facts)):
-            keys, grads = trace(self.adapter, self.modules, batch)
-            self.accumulate(aggregators, keys, grads)
+            keys, grads = trace(self.adapter, self.modules, batch, self.config.keys)
+            self.accumulate(aggregator, keys, grads)
             seen += len(batch)
             if progress:
                 progress(len(batch))
         if seen == 0:
             raise ValueError("no facts to edit")
-        return self.solve(aggregators)
+        return self.solve(aggregator).shifts
 
     def edit(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> EditHandle:
         """Apply one aggregated update for all facts; the handle reverts it exactly."""

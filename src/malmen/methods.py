@@ -54,14 +54,14 @@ class Method:
     ``factory`` ("module:function" inside malmen) is called as
     ``function(model, tokenizer, editor=..., options=..., method=self)`` and returns an editor.
     ``trained``: the method needs a trained editor (a directory or a shipped name); with
-    ``aggregation`` set, that editor must have been trained with it.
+    ``aggregations`` set, that editor must have been trained with one of them.
     """
 
     name: str
     factory: str
     summary: str
     trained: bool = False
-    aggregation: str | None = None
+    aggregations: tuple[str, ...] = ()
     options: tuple[Option, ...] = field(default=())
 
     def check(self, editor: str | None) -> dict | None:
@@ -76,8 +76,8 @@ class Method:
             return None
         config = editor_config(editor)
         trained_with = config["config"].get("aggregation")
-        if self.aggregation is not None and trained_with != self.aggregation:
-            fitting = [m.name for m in METHODS.values() if m.aggregation == trained_with]
+        if self.aggregations and trained_with not in self.aggregations:
+            fitting = [m.name for m in METHODS.values() if trained_with in m.aggregations]
             raise ValueError(f"{editor} was trained with {trained_with!r} aggregation, so it serves "
                              f"--method {', '.join(fitting) or '?'}, not --method {self.name}")
         return config
@@ -99,10 +99,11 @@ FT_OPTIONS = (
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts",
-           trained=True, aggregation="malmen"),
+    Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts "
+           "(per layer, or jointly over the layers for an editor trained with --method joint)",
+           trained=True, aggregations=("malmen", "joint")),
     Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
-           trained=True, aggregation="sum"),
+           trained=True, aggregations=("sum",)),
     Method("ft", "baselines.ft:from_method", "fine-tune the edited layers on the facts (Adam)", options=FT_OPTIONS),
     Method("ft-l", "baselines.ft:from_method", "FT with every weight change bounded (ROME/MEMIT's FT-L)",
            options=FT_OPTIONS + (Option("--ft-linf", float, 5e-4, "ft-l: bound on each weight change"),)),
@@ -121,7 +122,10 @@ def method_for(name: str | None, editor: str | None) -> Method:
     from .registry import editor_config
 
     aggregation = editor_config(editor)["config"].get("aggregation")
-    return next(m for m in METHODS.values() if m.trained and m.aggregation == aggregation)
+    fitting = [m for m in METHODS.values() if m.trained and aggregation in m.aggregations]
+    if not fitting:
+        raise ValueError(f"{editor}: no method uses its aggregation {aggregation!r}")
+    return fitting[0]
 
 
 def all_options() -> list[Option]:

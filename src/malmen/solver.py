@@ -1,24 +1,45 @@
 """Aggregating many facts' value differences into one parameter shift per module.
 
-MALMEN (DESIGN.md section 2.4) solves  min_S sum_j |S^T k_j - d_j|^2 + lambda |S|^2,
-    S* = (K^T K + lambda I)^-1 K^T D,
+MALMEN (DESIGN.md section 2.4) solves, for each edited module,
+    min_S sum_j |S^T k_j - d_j|^2 + lambda |S|^2,      S* = (K^T K + lambda I)^-1 K^T D,
 from the sufficient statistics A = K^T K and B = K^T D, accumulated chunk by chunk so that memory
 does not grow with the number of facts.  One Cholesky factor of A + lambda I serves the forward
 solve and the backward pass (DESIGN.md section 3.4).  MEND's sum aggregation
-S = -eta sum_j k~_j g~_j^T is the baseline and shares the interface.
+S = -eta sum_j k~_j g~_j^T is the baseline.  The joint solve treats the edited modules that
+write into the same space (the MLP outputs of several blocks, which all add to the residual
+stream) as one linear map of the concatenated keys: sum_l S_l^T k_jl ~ sum_l d_jl, with the key
+dimensions of all of them (six 1,536-dimensional layers: 9,216) to place the facts in.
 
-Every aggregator offers:
-    accumulate(keys, pkeys, pgrads, eta)   add a chunk of tokens (no grad needed)
-    solve(lam) -> S                       the shift (a x b), fp32
-    backward(G) -> dL/dlambda             given G = dL/dS; prepares per-chunk gradients
-    surrogate(keys, pkeys, pgrads, eta)   a scalar whose gradient w.r.t. the hyper-network's
-                                          outputs (and eta) is the true one, for that chunk
+Each aggregation is used the same way, over all edited modules at once; every step returns its
+result instead of keeping it, so nothing carries over from one call to the next:
+
+    agg = AGGREGATIONS[name](shapes, device)   # empty sums
+    agg.accumulate(chunk)                      # chunk: {module: Tokens}, the same tokens in each
+    solution = agg.solve(lams)                 # solution.shifts: {module: S (a x b), fp32}
+    adjoint = solution.backward(G)             # G = dL/dS per module; adjoint.dlam: dL/dlambda
+    adjoint.surrogate(chunk).backward()        # the true gradient w.r.t. the hyper-network's outputs
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
+
+
+@dataclass
+class Tokens:
+    """A chunk of one module's tokens: keys k, the hyper-network's pseudo keys and pseudo
+    value-gradients, and the module's step eta."""
+
+    keys: torch.Tensor
+    pkeys: torch.Tensor
+    pgrads: torch.Tensor
+    eta: torch.Tensor
+
+    def differences(self) -> torch.Tensor:
+        return value_differences(self.keys, self.pkeys, self.pgrads, self.eta)
 
 
 def value_differences(keys: torch.Tensor, pkeys: torch.Tensor, pgrads: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
@@ -41,10 +62,10 @@ def cholesky(matrix: torch.Tensor) -> torch.Tensor:
     raise FloatingPointError("normal equation is not positive definite even with jitter (NaN in keys?)")
 
 
-class NormalEquation:
-    """MALMEN's least-squares aggregation over streaming sufficient statistics."""
+# ---------------------------------------------------------------- one module at a time
 
-    name = "malmen"
+class NormalEquation:
+    """MALMEN's least-squares aggregation for one module, over streaming sufficient statistics."""
 
     def __init__(self, a: int, b: int, device: torch.device | str = "cpu"):
         # fp64 accumulators: sums over millions of tokens stay exact enough; chunks are fp32.
@@ -52,54 +73,202 @@ class NormalEquation:
         self.B = torch.zeros(a, b, dtype=torch.float64, device=device)
         self.tokens = 0
 
-    def accumulate(self, keys, pkeys, pgrads, eta) -> None:
-        keys = keys.float()
-        d = value_differences(keys, pkeys.float(), pgrads.float(), eta.float())
+    def accumulate(self, t: Tokens) -> None:
+        keys = t.keys.float()
         self.A += (keys.t() @ keys).double()
-        self.B += (keys.t() @ d).double()
+        self.B += (keys.t() @ t.differences().float()).double()
         self.tokens += keys.shape[0]
 
-    def solve(self, lam: torch.Tensor | float) -> torch.Tensor:
-        lam = float(lam)
+    def solve(self, lam: torch.Tensor | float) -> "NormalSolution":
         eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
-        self._factor = cholesky(self.A + lam * eye)
-        self._shift = torch.cholesky_solve(self.B, self._factor)
-        return self._shift.float()
+        factor = cholesky(self.A + float(lam) * eye)
+        return NormalSolution(torch.cholesky_solve(self.B, factor), factor)
 
-    def backward(self, grad_shift: torch.Tensor) -> torch.Tensor:
-        """Given G = dL/dS*, keep M = (A + lambda I)^-1 G and return dL/dlambda = -<M, S*>."""
-        self._M = torch.cholesky_solve(grad_shift.double(), self._factor)
-        self._M32 = self._M.float()
-        return -(self._M * self._shift).sum().float()
 
-    def surrogate(self, keys, pkeys, pgrads, eta) -> torch.Tensor:
+@dataclass
+class NormalSolution:
+    shift64: torch.Tensor   # S* in fp64
+    factor: torch.Tensor    # Cholesky factor of A + lambda I, kept for the backward
+
+    @property
+    def shift(self) -> torch.Tensor:
+        return self.shift64.float()
+
+    def backward(self, grad_shift: torch.Tensor) -> "NormalAdjoint":
+        """Given G = dL/dS*: M = (A + lambda I)^-1 G and dL/dlambda = -<M, S*>."""
+        M = torch.cholesky_solve(grad_shift.double(), self.factor)
+        return NormalAdjoint(M.float(), -(M * self.shift64).sum().float())
+
+
+@dataclass
+class NormalAdjoint:
+    M: torch.Tensor
+    dlam: torch.Tensor
+
+    def surrogate(self, t: Tokens) -> torch.Tensor:
         """sum_j <M^T k_j, d_j>: its gradient w.r.t. d_j is dL/dd_j = M^T k_j."""
-        d = value_differences(keys, pkeys, pgrads, eta)
-        return ((keys.float() @ self._M32) * d).sum()
+        return ((t.keys.float() @ self.M) * t.differences()).sum()
 
 
 class SumAggregation:
-    """MEND's aggregation: S = -eta sum_j k~_j g~_j^T (no regulariser)."""
-
-    name = "sum"
+    """MEND's aggregation for one module: S = -eta sum_j k~_j g~_j^T (no regulariser)."""
 
     def __init__(self, a: int, b: int, device: torch.device | str = "cpu"):
         self.B = torch.zeros(a, b, dtype=torch.float64, device=device)
         self.tokens = 0
 
-    def accumulate(self, keys, pkeys, pgrads, eta) -> None:
-        self.B += (pkeys.float().t() @ (-eta.float() * pgrads.float())).double()
+    def accumulate(self, t: Tokens) -> None:
+        self.B += (t.pkeys.float().t() @ (-t.eta.float() * t.pgrads.float())).double()
+        self.tokens += t.keys.shape[0]
+
+    def solve(self, lam=None) -> "SumSolution":
+        return SumSolution(self.B.float())
+
+
+@dataclass
+class SumSolution:
+    shift: torch.Tensor
+
+    def backward(self, grad_shift: torch.Tensor) -> "SumAdjoint":
+        return SumAdjoint(grad_shift.float(), torch.zeros((), device=grad_shift.device))
+
+
+@dataclass
+class SumAdjoint:
+    G: torch.Tensor
+    dlam: torch.Tensor
+
+    def surrogate(self, t: Tokens) -> torch.Tensor:
+        return ((t.pkeys @ self.G) * (-t.eta * t.pgrads)).sum()
+
+
+class PerModule:
+    """Each module aggregated on its own (``cls``: NormalEquation or SumAggregation)."""
+
+    def __init__(self, cls, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu"):
+        self.parts = {name: cls(a, b, device) for name, (a, b) in shapes.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the sums."""
+        return sum(t.numel() * t.element_size() for p in self.parts.values() for t in vars(p).values()
+                   if isinstance(t, torch.Tensor))
+
+    def accumulate(self, chunk: Mapping[str, Tokens]) -> None:
+        for name, tokens in chunk.items():
+            self.parts[name].accumulate(tokens)
+
+    def solve(self, lams: Mapping[str, torch.Tensor]) -> "PerModuleSolution":
+        return PerModuleSolution({name: part.solve(lams[name]) for name, part in self.parts.items()})
+
+
+@dataclass
+class PerModuleSolution:
+    parts: dict
+
+    @property
+    def shifts(self) -> dict[str, torch.Tensor]:
+        return {name: part.shift for name, part in self.parts.items()}
+
+    def backward(self, G: Mapping[str, torch.Tensor]) -> "PerModuleAdjoint":
+        return PerModuleAdjoint({name: part.backward(G[name]) for name, part in self.parts.items()})
+
+
+@dataclass
+class PerModuleAdjoint:
+    parts: dict
+
+    @property
+    def dlam(self) -> dict[str, torch.Tensor]:
+        return {name: part.dlam for name, part in self.parts.items()}
+
+    def surrogate(self, chunk: Mapping[str, Tokens]) -> torch.Tensor:
+        return sum(self.parts[name].surrogate(tokens) for name, tokens in chunk.items())
+
+
+# ---------------------------------------------------------------- all modules at once
+
+class JointNormalEquation:
+    """One normal equation over the concatenated keys of all modules (the same value size b):
+
+        min_{S_1..S_L} sum_j |sum_l S_l^T k_jl - sum_l d_jl|^2 + sum_l lambda_l |S_l|^2.
+
+    Stacking S = [S_1; ...; S_L] and k^_j = [k_j1; ...; k_jL], this is MALMEN's equation with
+    A = sum_j k^_j k^_j^T, B = sum_j k^_j (sum_l d_jl)^T and the regulariser diag(lambda_l I).
+    Every chunk must hold the same tokens for every module (the same answer positions)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu"):
+        values = {b for _, b in shapes.values()}
+        if len(values) != 1:
+            raise ValueError(f"a joint solve needs modules of one output size, got {sorted(values)}")
+        self.names = list(shapes)
+        self.sizes = [shapes[n][0] for n in self.names]
+        total, b = sum(self.sizes), values.pop()
+        self.A = torch.zeros(total, total, dtype=torch.float64, device=device)
+        self.B = torch.zeros(total, b, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the sums."""
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+    def stacked(self, chunk: Mapping[str, Tokens]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(concatenated keys, summed value differences) of a chunk."""
+        counts = {t.keys.shape[0] for t in chunk.values()}
+        if len(counts) != 1 or set(chunk) != set(self.names):
+            raise ValueError("a joint solve needs the same tokens for every edited module")
+        keys = torch.cat([chunk[n].keys.float() for n in self.names], -1)
+        return keys, sum(chunk[n].differences() for n in self.names)
+
+    def accumulate(self, chunk: Mapping[str, Tokens]) -> None:
+        keys, d = self.stacked(chunk)
+        self.A += (keys.t() @ keys).double()
+        self.B += (keys.t() @ d.float()).double()
         self.tokens += keys.shape[0]
 
-    def solve(self, lam=None) -> torch.Tensor:
-        return self.B.float()
-
-    def backward(self, grad_shift: torch.Tensor) -> torch.Tensor:
-        self._G = grad_shift.float()
-        return torch.zeros(())
-
-    def surrogate(self, keys, pkeys, pgrads, eta) -> torch.Tensor:
-        return ((pkeys @ self._G) * (-eta * pgrads)).sum()
+    def solve(self, lams: Mapping[str, torch.Tensor]) -> "JointSolution":
+        diagonal = torch.cat([torch.full((a,), float(lams[n]), dtype=self.A.dtype, device=self.A.device)
+                              for n, a in zip(self.names, self.sizes)])
+        factor = cholesky(self.A + torch.diag(diagonal))
+        return JointSolution(self, torch.cholesky_solve(self.B, factor), factor)
 
 
-AGGREGATIONS = {cls.name: cls for cls in (NormalEquation, SumAggregation)}
+@dataclass
+class JointSolution:
+    owner: JointNormalEquation
+    shift64: torch.Tensor
+    factor: torch.Tensor
+
+    def _split(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.owner.names, stacked.split(self.owner.sizes, 0)))
+
+    @property
+    def shifts(self) -> dict[str, torch.Tensor]:
+        return {name: s.float() for name, s in self._split(self.shift64).items()}
+
+    def backward(self, G: Mapping[str, torch.Tensor]) -> "JointAdjoint":
+        """M = (A + Lambda)^-1 [G_1; ...; G_L]; dL/dlambda_l = -<M_l, S_l>."""
+        M = torch.cholesky_solve(torch.cat([G[n].double() for n in self.owner.names]), self.factor)
+        parts, shifts = self._split(M), self._split(self.shift64)
+        dlam = {name: -(parts[name] * shifts[name]).sum().float() for name in self.owner.names}
+        return JointAdjoint(self.owner, M.float(), dlam)
+
+
+@dataclass
+class JointAdjoint:
+    owner: JointNormalEquation
+    M: torch.Tensor
+    dlam: dict
+
+    def surrogate(self, chunk: Mapping[str, Tokens]) -> torch.Tensor:
+        """sum_j <M^T k^_j, sum_l d_jl>: dL/dd_jl = M^T k^_j for every module l."""
+        keys, d = self.owner.stacked(chunk)
+        return ((keys @ self.M) * d).sum()
+
+
+def _per_module(cls):
+    return lambda shapes, device="cpu": PerModule(cls, shapes, device)
+
+
+AGGREGATIONS = {"malmen": _per_module(NormalEquation), "sum": _per_module(SumAggregation), "joint": JointNormalEquation}

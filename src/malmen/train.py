@@ -49,6 +49,8 @@ class TrainConfig:
     calibrate_eta: bool = True   # line search for the initial step on the first batch
     cache_dtype: str = "fp32"    # keys and value-gradients of a step: fp32 or bf16 (see cache.py)
     cache_budget_mb: float | None = None  # above this, they are spilled to memory-mapped files
+    trunk_store: str | None = None  # directory keeping the hidden states below the edits across steps (trunkstore.py)
+    trunk_dtype: str = "fp16"    # their dtype on disk: fp16 or fp32
 
 
 class Trainer:
@@ -71,6 +73,12 @@ class Trainer:
         self.best = -math.inf
         self.history: list[dict] = []
         self.initialised_from: dict | None = None  # trainer record of the editor this run continues
+        self.store = None
+        if config.trunk_store:
+            from .trunkstore import TrunkStore
+
+            trunk = editor.adapter.trunk(editor.modules)
+            self.store = TrunkStore(config.trunk_store, editor.model, trunk.blocks, trunk.upto, config.trunk_dtype)
 
     # --- data order: a function of (seed, step) only, so a resumed run sees the same facts
     def step_facts(self, step: int) -> list[Fact]:
@@ -99,18 +107,21 @@ class Trainer:
             keys, grads = self.trace_edits(facts, cache)
             if step == 0 and self.config.calibrate_eta and self.step_index == 0 and self.initialised_from is None:
                 self.calibrate(facts, keys, grads)
-            aggregators = self.editor.new_aggregators()
-            self.editor.accumulate(aggregators, keys, grads)
-            shifts = self.editor.solve(aggregators)
-            G, stats = self.shift_gradients(facts, step, shifts)
-            self.backward_through_solve(aggregators, G, keys, grads)
+            aggregator = self.editor.new_aggregator()
+            self.editor.accumulate(aggregator, keys, grads)
+            solution = self.editor.solve(aggregator)
+            G, stats = self.shift_gradients(facts, step, solution.shifts)
+            self.backward_through_solve(solution, G, keys, grads)
         return stats
 
     def trace_edits(self, facts: list[Fact], cache: StepCache) -> tuple[dict, dict]:
         """Step 1: keys and value-gradients of the edit prompts, kept in ``cache``; the
         hyper-network's input normalisers learn from them (in training only)."""
         ed, hn = self.editor, self.editor.hypernet
-        traced = [trace(ed.adapter, ed.modules, batch) for batch in ed.batches(facts)]
+        traced = []
+        for batch in ed.batches(facts):
+            with self.trunk_replay(batch):
+                traced.append(trace(ed.adapter, ed.modules, batch, ed.config.keys))
         keys = {name: torch.cat([k[name] for k, _ in traced]) for name in ed.modules}
         grads = {name: torch.cat([g[name] for _, g in traced]) for name in ed.modules}
         del traced
@@ -132,11 +143,12 @@ class Trainer:
 
         gen_batches = batches([(self.rephrase(f, step), f.target) for f in facts])
         loc_batches = batches([(f.locality_prompt, f.locality_answer) for f in facts])
-        trunk = adapter.trunk(modules)  # locality prompts: the blocks below the edits run once
+        # the blocks below the edits run once per locality prompt (twice per step without a store)
+        trunk = adapter.trunk(modules)
         before = []
         with torch.no_grad():
             for b in loc_batches:
-                with trunk.step():
+                with self.trunk_replay(b, trunk):
                     before.append(torch.log_softmax(adapter.answer_logits(b), -1))
         trunk.rewind()
         G = {name: torch.zeros_like(shifts[name]) for name in modules}
@@ -145,7 +157,7 @@ class Trainer:
         with EditHandle(adapter.model, shifts):
             for kind, group in (("gen", gen_batches), ("loc", loc_batches)):
                 for i, batch in enumerate(group):
-                    replayed = trunk.step() if kind == "loc" else contextlib.nullcontext()
+                    replayed = self.trunk_replay(batch, trunk if kind == "loc" else None)
                     with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, adapter.context_masks(batch, modules)) as t:
                         logits = adapter.answer_logits(batch)
                         if kind == "gen":
@@ -162,21 +174,22 @@ class Trainer:
                         G[name] += t.keys[name].float().t() @ t.grads[name].float()
         return G, {"gen_loss": gen_loss, "loc_loss": loc_loss}
 
-    def backward_through_solve(self, aggregators: dict, G: dict, keys: dict, grads: dict) -> None:
-        """Step 4: M = (A + lambda I)^-1 G per module, then the hyper-network's gradient chunk by
-        chunk of cached tokens (its graph never meets the LM's)."""
+    def trunk_replay(self, batch, trunk=None):
+        """Where the blocks below the edits get their output: the persistent store when there is
+        one; else ``trunk``, this step's record of the same prompts (or nothing: they run)."""
+        if self.store is not None:
+            return self.store.step(batch.input_ids, batch.attention_mask)
+        return trunk.step() if trunk is not None else contextlib.nullcontext()
+
+    def backward_through_solve(self, solution, G: dict, keys: dict, grads: dict) -> None:
+        """Step 4: M = (A + lambda I)^-1 G per module (solver.py), then the hyper-network's gradient
+        chunk by chunk of cached tokens (its graph never meets the LM's)."""
         ed, hn = self.editor, self.editor.hypernet
-        device = ed.adapter.device
         self.optimizer.zero_grad(set_to_none=True)
-        for name in ed.modules:
-            agg = aggregators[name]
-            dlam = agg.backward(G[name])
-            (hn.lam(name) * dlam.detach()).backward()
-            k, g = keys[name], grads[name]
-            for s in chunks(k.shape[0], ed.config.hyper_batch_size):
-                ks, gs = k[s].to(device), g[s].to(device)
-                pk, pg = hn(name, ks, gs)
-                agg.surrogate(ks, pk, pg, hn.eta(name)).backward()
+        adjoint = solution.backward(G)
+        sum(hn.lam(name) * adjoint.dlam[name].detach() for name in ed.modules).backward()
+        for chunk in ed.chunks(keys, grads):
+            adjoint.surrogate(chunk).backward()
 
     @torch.no_grad()
     def calibrate(self, facts: list[Fact], keys: dict, grads: dict) -> None:
@@ -192,9 +205,9 @@ class Trainer:
         best = (base, float(hn.log_eta[0]))
         for log_eta in [math.log(10.0 ** e) for e in range(-8, 3)]:
             hn.log_eta.fill_(log_eta)
-            aggregators = ed.new_aggregators()
-            ed.accumulate(aggregators, keys, grads)
-            with EditHandle(ed.adapter.model, ed.solve(aggregators)):
+            aggregator = ed.new_aggregator()
+            ed.accumulate(aggregator, keys, grads)
+            with EditHandle(ed.adapter.model, ed.solve(aggregator).shifts):
                 loss = edit_loss()
             if math.isfinite(loss) and loss < best[0]:
                 best = (loss, log_eta)

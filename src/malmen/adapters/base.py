@@ -35,6 +35,7 @@ class Batch:
     targets: torch.Tensor
     decoder_input_ids: torch.Tensor | None = None
     decoder_attention_mask: torch.Tensor | None = None
+    subject_mask: torch.Tensor | None = None   # the last subject token of each prompt (when asked for)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -107,6 +108,7 @@ class Adapter:
     """Base of the per-family adapters; subclasses implement the feeding of the model."""
 
     default_n_last = 6  # blocks whose MLP output is edited by default
+    key_positions: tuple[str, ...] = ("answer",)  # where keys can be read (``key_masks``)
 
     def __init__(self, model: nn.Module, tokenizer, max_length: int | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -163,15 +165,18 @@ class Adapter:
         return TrunkCache(nn.ModuleList(), 0)
 
     # --- feeding; see CausalLMAdapter for the reference behaviour
-    def batch(self, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
+    def batch(self, prompts: Sequence[str], answers: Sequence[str],
+              subjects: Sequence[str | None] | None = None) -> Batch:
+        """Teacher-forced batch; ``subjects`` only matter where keys are read at the subject."""
         raise NotImplementedError
 
     def answer_logits(self, batch: Batch) -> torch.Tensor:
         """Logits at the answer positions, (n_answer_positions x classes), fp32, in mask order."""
         raise NotImplementedError
 
-    def key_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor | dict:
-        """Positions whose keys and value-gradients an edit uses (one mask, or one per module)."""
+    def key_masks(self, batch: Batch, names: Sequence[str], where: str = "answer") -> torch.Tensor | dict:
+        """Positions whose keys and value-gradients an edit uses (one mask, or one per module):
+        ``where`` is one of ``key_positions``."""
         raise NotImplementedError
 
     def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor | dict:

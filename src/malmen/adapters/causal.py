@@ -9,8 +9,21 @@ from torch import nn
 from .base import IGNORE, Adapter, Batch, pad_rows, rows_only
 
 
+def subject_end(prompt: str, subject: str | None) -> int | None:
+    """One past the last character of the last mention of ``subject`` in ``prompt`` (exact, then
+    ignoring case), or None."""
+    if not subject:
+        return None
+    at = prompt.rfind(subject)
+    if at < 0:
+        at = prompt.lower().rfind(subject.lower())
+    return at + len(subject) if at >= 0 else None
+
+
 class CausalLMAdapter(Adapter):
     """Prompt and answer in one sequence; position t predicts token t+1."""
+
+    key_positions = ("answer", "first", "subject")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -36,8 +49,10 @@ class CausalLMAdapter(Adapter):
         return TrunkCache(self.blocks()[1], self.lowest_block(names))
 
     # --- tokenisation
-    def encode(self, prompt: str, answer: str) -> tuple[list[int], int]:
-        """Token ids of ``prompt + ' ' + answer`` and the index of the first answer token.
+    def encode(self, prompt: str, answer: str, subject: str | None = None) -> tuple[list[int], int, int]:
+        """Token ids of ``prompt + ' ' + answer``, the index of the first answer token and the index
+        of the subject's last token in the prompt (the last prompt token when ``subject`` is None
+        or is not in the prompt: MEMIT's rule, and its fallback).
 
         No space is added after a prompt that ends in whitespace (a chat template's turn ends in
         a newline).  Works for any tokenizer: with offsets (fast tokenizers) a token belongs to
@@ -47,46 +62,70 @@ class CausalLMAdapter(Adapter):
         sep = "" if prompt[-1:].isspace() else " "
         text = f"{prompt}{sep}{answer}"
         boundary = len(prompt)
+        end = subject_end(prompt, subject)  # one past the subject's last character, or None
         tok = self.tokenizer
         if getattr(tok, "is_fast", False):
             enc = tok(text, return_offsets_mapping=True)
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
             start = next((i for i, (s, e) in enumerate(offsets) if e > boundary and e > s), len(ids))
+            last = next((i for i, (s, e) in enumerate(offsets) if e >= end and e > s), None) if end else None
         else:
             ids = tok(prompt)["input_ids"]
             start = len(ids)
+            last = len(tok(prompt[:end])["input_ids"]) - 1 if end else None
             ids = ids + tok(sep + answer, add_special_tokens=False)["input_ids"]
         start = max(start, 1)  # the first token is always context
-        return ids, start
+        if last is None or last >= start:
+            last = start - 1
+        return ids, start, last
 
     def answer_length(self, prompt: str, answer: str) -> int:
-        ids, start = self.encode(prompt, answer)
+        ids, start, _ = self.encode(prompt, answer)
         return len(ids) - start
 
-    def batch(self, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
-        """Right-padded teacher-forced batch of prompt+answer pairs, truncated from the left."""
-        rows, starts = [], []
-        for prompt, answer in zip(prompts, answers):
-            ids, start = self.encode(prompt, answer)
+    def batch(self, prompts: Sequence[str], answers: Sequence[str],
+              subjects: Sequence[str | None] | None = None) -> Batch:
+        """Right-padded teacher-forced batch of prompt+answer pairs, truncated from the left;
+        with ``subjects``, it also marks each prompt's last subject token."""
+        rows, starts, lasts = [], [], []
+        for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+            ids, start, last = self.encode(prompt, answer, subjects[i] if subjects else None)
             if len(ids) > self.max_length:
                 cut = len(ids) - self.max_length
                 if cut >= start:
                     raise ValueError(f"answer {answer!r} alone is longer than the model's context ({self.max_length} tokens)")
-                ids, start = ids[cut:], start - cut
+                ids, start, last = ids[cut:], start - cut, last - cut if last >= cut else start - cut - 1
             rows.append(ids)
             starts.append(start)
+            lasts.append(last)
         input_ids, attention = pad_rows(rows, self.pad_id)
         targets = torch.full_like(input_ids, IGNORE)
         for i, (ids, start) in enumerate(zip(rows, starts)):
             n = len(ids)
             # position t predicts token t+1: answer tokens start..n-1 are predicted at start-1..n-2
             targets[i, start - 1 : n - 1] = input_ids[i, start:n]
-        return Batch(input_ids, attention, targets).to(self.device)
+        subject_mask = None
+        if subjects is not None:
+            subject_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            subject_mask[torch.arange(len(rows)), torch.tensor(lasts)] = True
+        return Batch(input_ids, attention, targets, subject_mask=subject_mask).to(self.device)
 
     # --- where keys are read
-    def key_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
-        """The answer positions."""
-        return batch.mask
+    def key_masks(self, batch: Batch, names: Sequence[str], where: str = "answer") -> torch.Tensor:
+        """The answer positions; the one predicting the first answer token ("first"); or the last
+        subject token ("subject", batches made with subjects)."""
+        if where == "answer":
+            return batch.mask
+        if where == "first":
+            first = batch.mask.int().argmax(1)
+            out = torch.zeros_like(batch.mask)
+            out[torch.arange(len(batch), device=out.device), first] = True
+            return out & batch.mask
+        if where == "subject":
+            if batch.subject_mask is None:
+                raise ValueError("keys at the subject need batches made with subjects")
+            return batch.subject_mask
+        raise ValueError(f"keys are read at 'answer', 'first' or 'subject' positions, not {where!r}")
 
     def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
         return batch.attention_mask.bool()

@@ -51,7 +51,8 @@ class ClassifierAdapter(Adapter):
     def answer_length(self, prompt: str, answer: str) -> int:
         return 1
 
-    def batch(self, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
+    def batch(self, prompts: Sequence[str], answers: Sequence[str],
+              subjects: Sequence[str | None] | None = None) -> Batch:
         enc = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         targets = torch.full_like(enc["input_ids"], IGNORE)
@@ -67,7 +68,9 @@ class ClassifierAdapter(Adapter):
         return torch.stack([torch.zeros_like(z), z], -1)
 
     # every token feeds the verdict through attention, so keys are read at all of them
-    def key_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
+    def key_masks(self, batch: Batch, names: Sequence[str], where: str = "answer") -> torch.Tensor:
+        if where != "answer":
+            raise ValueError(f"{type(self).__name__} reads keys at its own positions only ('answer'), not {where!r}")
         return batch.attention_mask.bool()
 
     def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:

@@ -52,7 +52,8 @@ class Seq2SeqAdapter(Adapter):
     def answer_length(self, prompt: str, answer: str) -> int:
         return len(self._answer_ids(answer))
 
-    def batch(self, prompts: Sequence[str], answers: Sequence[str]) -> Batch:
+    def batch(self, prompts: Sequence[str], answers: Sequence[str],
+              subjects: Sequence[str | None] | None = None) -> Batch:
         sources = [self.tokenizer(p)["input_ids"][-self.max_length:] for p in prompts]
         answer_ids = [self._answer_ids(a)[: self.max_length] for a in answers]
         input_ids, attention = pad_rows(sources, self.pad_id)
@@ -63,7 +64,9 @@ class Seq2SeqAdapter(Adapter):
     def _per_module(self, names: Sequence[str], encoder: torch.Tensor, decoder: torch.Tensor) -> dict:
         return {name: encoder if self.side(name) == "encoder" else decoder for name in names}
 
-    def key_masks(self, batch: Batch, names: Sequence[str]) -> dict:
+    def key_masks(self, batch: Batch, names: Sequence[str], where: str = "answer") -> dict:
+        if where != "answer":
+            raise ValueError(f"{type(self).__name__} reads keys at its own positions only ('answer'), not {where!r}")
         return self._per_module(names, batch.attention_mask.bool(), batch.mask)
 
     def context_masks(self, batch: Batch, names: Sequence[str]) -> dict:

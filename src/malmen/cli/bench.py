@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                    help="METHOD=EDITOR for methods with a trained editor (e.g. malmen=smollm2-zsre), a plain name "
                         "otherwise (ft, ft-l)")
     q.add_argument("--data", nargs="+", required=True, help="NAME=FILE pairs of held-out facts")
-    q.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed split (held-out zsRE: val)")
+    q.add_argument("--split", choices=["train", "val", "test"], help="keep one part of the fixed zsRE split (held out: val, test)")
     q.add_argument("--targets", nargs="+", choices=["new", "true"], default=["new", "true"],
                    help="edit in the counterfactual and/or the true answers")
     q.add_argument("--skip", type=int, default=0, help="skip the first facts (those the editors' checkpoints were selected on)")
@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--edit-facts", type=int, default=512, help="facts edited at once for the throughput")
     sp.add_argument("--train-n", nargs="*", type=int, default=[64, 512], help="facts per meta-training step")
     sp.add_argument("--steps", type=int, default=3, help="timed meta-training steps per n (after one warm-up step)")
+    sp.add_argument("--trunk-store", metavar="DIR", help="train with this trunk store (see train --trunk-store); each "
+                    "timed step then runs twice, filling the store and replaying it, and both times are reported")
+    sp.add_argument("--trunk-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of the stored hidden states")
     sp.add_argument("--out", required=True, help="JSON file")
     sp.set_defaults(func=speed)
 
@@ -110,9 +113,11 @@ def speed(args: argparse.Namespace) -> int:
     if args.train_n:
         result["train"] = []
         for n in args.train_n:
-            r = train_speed(editor, train, n, args.steps, log=lambda m: print(m, file=sys.stderr))
+            r = train_speed(editor, train, n, args.steps, log=lambda m: print(m, file=sys.stderr),
+                            trunk_store=args.trunk_store, trunk_dtype=args.trunk_dtype)
             result["train"].append(r)
-            print(f"train n={n}: {r['train_step_s']:.2f} s per step, bound {r['train_step_bound_s']:.2f} s, "
+            stored = f" (first sight of its prompts: {r['train_step_fill_s']:.2f} s)" if "train_step_fill_s" in r else ""
+            print(f"train n={n}: {r['train_step_s']:.2f} s per step{stored}, bound {r['train_step_bound_s']:.2f} s, "
                   f"ratio {r['train_ratio']:.2f}")
         first = result["train"][0]
         result.update(train_step_s=first["train_step_s"], train_step_bound_s=first["train_step_bound_s"],

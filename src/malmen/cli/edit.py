@@ -88,17 +88,17 @@ def dry_run(args: argparse.Namespace, editor, checked: Checked) -> int:
     mb = 2.0 ** 20
     model_mb = sum(p.numel() * p.element_size() for p in editor.model.parameters()) / mb
     hyper_mb = sum(p.numel() * p.element_size() for p in editor.hypernet.parameters()) / mb
-    sums_mb = sum(a * (a + b) * 8 for a, b in editor.hypernet.shapes.values()) / mb  # fp64 KᵀK and KᵀD
+    sums_mb = editor.new_aggregator().nbytes / mb  # fp64 KᵀK and KᵀD
     device = editor.adapter.device
     editor.shifts(probe)  # warm-up on the very shapes that are timed
     trace_s, solve_s = [], []
     for _ in range(2):
-        aggregators = editor.new_aggregators()
+        aggregator = editor.new_aggregator()
         with timed(device) as tracing:
             for batch in editor.batches(probe):
-                editor.accumulate(aggregators, *trace(editor.adapter, editor.modules, batch))
+                editor.accumulate(aggregator, *trace(editor.adapter, editor.modules, batch, editor.config.keys))
         with timed(device) as solving:
-            editor.solve(aggregators)
+            editor.solve(aggregator)
         trace_s.append(tracing.seconds)
         solve_s.append(solving.seconds)
     per_fact, solve = min(trace_s) / len(probe), min(solve_s)

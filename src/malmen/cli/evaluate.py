@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     add_common(v)
     add_method_options(v)
     v.add_argument("--data", required=True, help=DATA_HINT)
-    v.add_argument("--split", choices=["train", "val"], help="keep one side of the fixed zsRE split")
+    v.add_argument("--split", choices=["train", "val", "test"], help="keep one part of the fixed zsRE split (held out: val, test)")
     v.add_argument("--n-edits", type=int, default=128, help="facts edited at once")
     v.add_argument("--groups", type=int, default=1, help="number of groups of n facts (each edited and reverted)")
     v.add_argument("--skip", type=int, default=0,

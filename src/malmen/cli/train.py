@@ -17,14 +17,21 @@ def add_parser(sub) -> None:
     t.add_argument("--val-data", help="validation facts (default: the fixed zsRE validation split of the first --data file)")
     t.add_argument("--no-split", action="store_true", help="use all of --data for training (validation: --val-data or its last facts)")
     t.add_argument("--out", required=True, help="run directory: best/, last/ (resumed from if present), train_log.jsonl")
-    t.add_argument("--method", default="malmen", choices=["malmen", "mend", "sum"],
-                   help="aggregation: malmen (normal equation) or mend (= sum, MEND's)")
+    t.add_argument("--method", choices=["malmen", "joint", "mend", "sum"],
+                   help="aggregation: malmen (a normal equation per layer; the default of a new editor), joint (one "
+                        "normal equation over the keys of all layers: their key dimensions together) or mend (= sum, "
+                        "MEND's); with --init-editor, the editor's own unless given")
     t.add_argument("--init-editor", help="continue meta-training this editor (directory or shipped name) with new settings; "
                    "a run directory's last/ still takes precedence")
     t.add_argument("--modules", nargs="+", help="edited linear layers (default: MLP output of the last 6 blocks); "
                    "with --init-editor, the editor is moved to these, each new one starting as the editor's nearest layer")
     t.add_argument("--eta-factor", type=float, default=1.0,
                    help="with --init-editor and new --modules: scale every step by this (e.g. 0.5 for twice the layers)")
+    t.add_argument("--keys", choices=["answer", "first", "subject"],
+                   help="where keys are read: every answer token (answer, the paper's; the default of a new editor), "
+                        "the position predicting the first answer token (first), or the prompt's last subject token "
+                        "(subject, MEMIT's; the last prompt token where a fact names no subject); with --init-editor, "
+                        "the editor's own unless given")
     t.add_argument("--rank", type=int, default=256, help="rank of the hyper-network's blocks (the paper: 1920 on GPT-J)")
     t.add_argument("--blocks", type=int, default=2, help="residual blocks of the hyper-network")
     t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")
@@ -41,6 +48,10 @@ def add_parser(sub) -> None:
     t.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the keys and value-gradients a step keeps (the hyper-network and solver run in fp32)")
     t.add_argument("--cache-budget-mb", type=float, help="spill them to memory-mapped files above this size")
+    t.add_argument("--trunk-store", metavar="DIR",
+                   help="keep the hidden states entering the lowest edited block here, across steps and runs: a "
+                        "prompt seen before skips the frozen blocks (rebuilt when the model or the modules change)")
+    t.add_argument("--trunk-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of the stored hidden states")
     t.set_defaults(func=run)
 
 
@@ -75,20 +86,26 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
     from ..train import TrainConfig, Trainer
 
     try:
-        if args.init_editor:  # its rank and aggregation win over the flags
+        aggregation = {"mend": "sum"}.get(args.method, args.method)
+        if args.init_editor:  # its rank wins over the flags; its aggregation and keys unless given
             editor = MalmenEditor.from_pretrained(args.init_editor, model, tok)
+            if aggregation:
+                editor.config.aggregation = aggregation
             if args.modules and list(args.modules) != editor.modules:
                 editor = editor.transplanted(args.modules, args.eta_factor)
             editor.config.lm_batch_size, editor.config.hyper_batch_size = args.lm_batch_size, args.hyper_batch_size
+            if args.keys:
+                editor.config.keys = args.keys
         else:
-            config = EditorConfig(modules=args.modules or [], aggregation={"mend": "sum"}.get(args.method, args.method),
+            config = EditorConfig(modules=args.modules or [], aggregation=aggregation or "malmen",
                                   hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
-                                  lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size)
+                                  lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size,
+                                  keys=args.keys or "answer")
             editor = MalmenEditor(model, tok, config)
         tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
                          c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
                          seed=args.seed, max_minutes=args.max_minutes, cache_dtype=args.cache_dtype,
-                         cache_budget_mb=args.cache_budget_mb)
+                         cache_budget_mb=args.cache_budget_mb, trunk_store=args.trunk_store, trunk_dtype=args.trunk_dtype)
         trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None

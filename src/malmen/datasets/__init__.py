@@ -53,7 +53,7 @@ def load_facts(path: str | Path, target: str = "new", fmt: str = "auto",
     """Stream the facts of ``path``.
 
     ``target``: 'new' (counterfactual) or 'true' (the true answer).  ``fmt``: 'auto' or a key of
-    FORMATS.  ``split``: None, 'train' or 'val' to keep one side of the fixed zsRE split.
+    FORMATS.  ``split``: None, or 'train', 'val' or 'test' to keep one part of the fixed zsRE split.
     ``check_conflicts``: refuse two records with the same prompt and different targets (exact
     duplicates are allowed: editors count them once); costs a small hash table, one entry per
     distinct prompt.
