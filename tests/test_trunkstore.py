@@ -47,6 +47,8 @@ def test_a_store_of_another_model_or_block_is_rebuilt(tmp_path):
     store = TrunkStore(tmp_path / "s", a.model, trunk.blocks, trunk.upto)
     with torch.no_grad(), store.step(batch.input_ids, batch.attention_mask):
         a.answer_logits(batch)
+    assert len(TrunkStore(tmp_path / "s", a.model, trunk.blocks, trunk.upto)) == 0        # not flushed: recomputed
+    store.flush()
     assert len(TrunkStore(tmp_path / "s", a.model, trunk.blocks, trunk.upto)) == 1        # reopened: kept
     assert len(TrunkStore(tmp_path / "s", a.model, trunk.blocks, trunk.upto - 1)) == 0    # another block
     other = b.trunk(["model.layers.2.mlp.down_proj"])

@@ -12,6 +12,7 @@ else is shared.
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -159,6 +160,20 @@ def _active_edits(model: nn.Module) -> list[EditHandle]:
     return _EDITS.setdefault(model, [])
 
 
+@contextmanager
+def suspended_edits(model: nn.Module) -> Iterator[None]:
+    """The base weights inside (every edit applied to ``model`` taken out, newest first); the
+    edits are applied again on exit, bit for bit as they were."""
+    edits = list(_active_edits(model))
+    for handle in reversed(edits):  # each is the newest when its turn comes: a plain copy back
+        handle.revert()
+    try:
+        yield
+    finally:
+        for handle in edits:
+            handle._apply()
+
+
 # ---------------------------------------------------------------- the editor
 
 class MalmenEditor:
@@ -193,9 +208,15 @@ class MalmenEditor:
 
     def batches(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[Batch]:
         """Teacher-forced LM micro-batches of ``facts``, grouped by length to waste little padding."""
+        for batch, _ in self.batches_with_facts(facts, prompt):
+            yield batch
+
+    def batches_with_facts(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt
+                           ) -> Iterator[tuple[Batch, list[Fact]]]:
+        """``batches``, each with its facts in row order."""
         for group in bucketed(facts, self.config.lm_batch_size, lambda f: len(prompt(f)) + len(f.target)):
             subjects = [f.subject for f in group] if self.config.keys == "subject" else None
-            yield self.adapter.batch([prompt(f) for f in group], [f.target for f in group], subjects)
+            yield self.adapter.batch([prompt(f) for f in group], [f.target for f in group], subjects), group
 
     def chunks(self, keys: dict, grads: dict) -> Iterator[dict[str, Tokens]]:
         """The traced tokens through the hyper-network, ``hyper_batch_size`` tokens at a time, every

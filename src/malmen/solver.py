@@ -15,6 +15,7 @@ result instead of keeping it, so nothing carries over from one call to the next:
 
     agg = AGGREGATIONS[name](shapes, device)   # empty sums
     agg.accumulate(chunk)                      # chunk: {module: Tokens}, the same tokens in each
+    agg.statistics() / agg.add_statistics(s)   # the sums by name: save them, add another's
     solution = agg.solve(lams)                 # solution.shifts: {module: S (a x b), fp32}
     adjoint = solution.backward(G)             # G = dL/dS per module; adjoint.dlam: dL/dlambda
     adjoint.surrogate(chunk).backward()        # the true gradient w.r.t. the hyper-network's outputs
@@ -31,14 +32,18 @@ import torch
 @dataclass
 class Tokens:
     """A chunk of one module's tokens: keys k, the hyper-network's pseudo keys and pseudo
-    value-gradients, and the module's step eta."""
+    value-gradients, and the module's step eta; or keys with their value differences already
+    computed (``d``: a patch's tokens, patches.py)."""
 
     keys: torch.Tensor
-    pkeys: torch.Tensor
-    pgrads: torch.Tensor
-    eta: torch.Tensor
+    pkeys: torch.Tensor | None = None
+    pgrads: torch.Tensor | None = None
+    eta: torch.Tensor | None = None
+    d: torch.Tensor | None = None
 
     def differences(self) -> torch.Tensor:
+        if self.d is not None:
+            return self.d.float()
         return value_differences(self.keys, self.pkeys, self.pgrads, self.eta)
 
 
@@ -78,6 +83,9 @@ class NormalEquation:
         self.A += (keys.t() @ keys).double()
         self.B += (keys.t() @ t.differences().float()).double()
         self.tokens += keys.shape[0]
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"A": self.A, "B": self.B}
 
     def solve(self, lam: torch.Tensor | float) -> "NormalSolution":
         eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
@@ -121,6 +129,9 @@ class SumAggregation:
         self.B += (t.pkeys.float().t() @ (-t.eta.float() * t.pgrads.float())).double()
         self.tokens += t.keys.shape[0]
 
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"B": self.B}
+
     def solve(self, lam=None) -> "SumSolution":
         return SumSolution(self.B.float())
 
@@ -157,6 +168,15 @@ class PerModule:
     def accumulate(self, chunk: Mapping[str, Tokens]) -> None:
         for name, tokens in chunk.items():
             self.parts[name].accumulate(tokens)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The sums, by name (``module/A``), to save or to add to another aggregator's."""
+        return {f"{name}/{key}": t for name, part in self.parts.items() for key, t in part.statistics().items()}
+
+    def add_statistics(self, stats: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
+        for key, value in stats.items():
+            name, _, which = key.rpartition("/")
+            getattr(self.parts[name], which).add_(value.to(getattr(self.parts[name], which)), alpha=sign)
 
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "PerModuleSolution":
         return PerModuleSolution({name: part.solve(lams[name]) for name, part in self.parts.items()})
@@ -226,6 +246,13 @@ class JointNormalEquation:
         self.A += (keys.t() @ keys).double()
         self.B += (keys.t() @ d.float()).double()
         self.tokens += keys.shape[0]
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"joint/A": self.A, "joint/B": self.B}
+
+    def add_statistics(self, stats: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
+        self.A.add_(stats["joint/A"].to(self.A), alpha=sign)
+        self.B.add_(stats["joint/B"].to(self.B), alpha=sign)
 
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "JointSolution":
         diagonal = torch.cat([torch.full((a,), float(lams[n]), dtype=self.A.dtype, device=self.A.device)

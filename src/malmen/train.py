@@ -112,6 +112,8 @@ class Trainer:
             solution = self.editor.solve(aggregator)
             G, stats = self.shift_gradients(facts, step, solution.shifts)
             self.backward_through_solve(solution, G, keys, grads)
+        if self.store is not None:
+            self.store.flush()
         return stats
 
     def trace_edits(self, facts: list[Fact], cache: StepCache) -> tuple[dict, dict]:

@@ -15,7 +15,8 @@ Rows are keyed by their token ids, so new data only adds rows.  A manifest ties 
 model (a fingerprint of the frozen blocks' weights), the block it stops at and its dtype; a store
 that does not match is emptied and rebuilt.  States are saved in fp16 by default (half the disk
 of fp32; the test bounds the meta-gradient's change) or fp32 (exact up to batching order).  The
-data file only grows; the index is rewritten atomically after the data it points to is on disk.
+data file only grows; the index is rewritten atomically (``flush``, once per training step) after
+the data it points to is on disk.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class TrunkStore:
         self.kind: str | None = None                 # what a block returns: "tensor" or "tuple:N"
         self.hits = self.misses = 0
         self._map: np.memmap | None = None
+        self._dirty = False
         self._open()
 
     # --- files
@@ -109,7 +111,7 @@ class TrunkStore:
         return self._map
 
     def _append(self, rows: list[tuple[str, torch.Tensor]]) -> None:
-        """Write new rows' states, then the index that points to them (atomically)."""
+        """Write new rows' states to the data file; ``flush`` saves the index that points to them."""
         if not rows:
             return
         start = os.path.getsize(self.dir / "states.bin") // (self.hidden * np.dtype(self.np_dtype).itemsize)
@@ -121,9 +123,17 @@ class TrunkStore:
                 f.write(data.tobytes())
                 self.index[key] = (start, data.shape[0])
                 start += data.shape[0]
-            f.flush()
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Save the index (atomically), after the data it points to is on disk.  Rows appended
+        since the last flush are simply computed again after a crash."""
+        if not self._dirty:
+            return
+        with open(self.dir / "states.bin", "ab") as f:
             os.fsync(f.fileno())
         io.write_text(self.dir / "index.json", json.dumps(self.index))
+        self._dirty = False
 
     # --- use
     def __len__(self) -> int:

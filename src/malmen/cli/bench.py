@@ -50,6 +50,20 @@ def add_parser(sub) -> None:
     sp.add_argument("--out", required=True, help="JSON file")
     sp.set_defaults(func=speed)
 
+    sq = bsub.add_parser("sequential", help="n facts as a stream of patches, against one batch and naive sequential "
+                         "editing; and the time to add a patch to a model carrying many facts", formatter_class=sub.formatter_class)
+    add_common(sq)
+    sq.add_argument("--editor", required=True, help="a MALMEN editor (directory or shipped name)")
+    sq.add_argument("--data", required=True, help=DATA_HINT)
+    sq.add_argument("--split", choices=["train", "val", "test"], help="keep one part of the fixed zsRE split")
+    sq.add_argument("--skip", type=int, default=0, help="skip the first facts (those the editor was selected on)")
+    sq.add_argument("--n", type=int, default=2000, help="facts in all")
+    sq.add_argument("--patch-size", type=int, default=100, help="facts per patch (and per sequential batch)")
+    sq.add_argument("--carry", type=int, default=0, help="also time adding a patch to a model carrying this many facts "
+                    "(the first facts of the train split of --data when --split is given, else of the file; only timed)")
+    sq.add_argument("--out", required=True, help="directory for the patches, results.json and results.md")
+    sq.set_defaults(func=sequential)
+
     sc = bsub.add_parser("scale", help="peak memory and time of one edit of n synthetic facts (each n in its own process)",
                          formatter_class=sub.formatter_class)
     sc.add_argument("--model", default="tiny", help="'tiny' (a small random Llama) or a model name as elsewhere")
@@ -124,6 +138,30 @@ def speed(args: argparse.Namespace) -> int:
                       train_ratio=first["train_ratio"])
     result["peak_rss_mb"] = peak_rss_mb()
     write_result(args.out, result)
+    return 0
+
+
+def sequential(args: argparse.Namespace) -> int:
+    from ..bench.sequential import run_sequential, table
+    from ..editor import MalmenEditor
+    from ..io import write_text
+
+    checked_method("malmen", args.editor)
+    facts = read_facts(args.data, args.target, split=args.split, limit=args.skip + args.n, fmt=args.format)[args.skip:]
+    if len(facts) < args.n:
+        raise UsageError(f"{args.data}: {len(facts)} facts after skipping {args.skip}, not {args.n}")
+    carry = []
+    if args.carry:
+        carry = read_facts(args.data, args.target, split="train" if args.split else None, limit=args.carry, fmt=args.format)
+    seed(args)
+    model, tok = load(args)
+    editor = MalmenEditor.from_pretrained(args.editor, model, tok)
+    result = run_sequential(editor, facts, args.patch_size, args.out, carry, log=lambda m: print(m, file=sys.stderr))
+    result.update(command=command_line(), editor=args.editor, data=args.data, split=args.split, skip=args.skip)
+    text = table(result)
+    write_result(str(Path(args.out) / "results.json"), result)
+    write_text(Path(args.out) / "results.md", f"Command: `{result['command']}`\n\n{text}\n")
+    print(text)
     return 0
 
 

@@ -15,6 +15,10 @@ def add_parser(sub) -> None:
     e.add_argument("--facts", required=True, help=DATA_HINT)
     e.add_argument("--out", help="directory for the edited model (save_pretrained, reloadable with transformers alone); "
                                  "written atomically")
+    e.add_argument("--patch-out", metavar="DIR", help="also write the edit as a patch (patches.py): the facts' "
+                   "contribution, to apply later with `malmen apply`, alone or with other patches")
+    e.add_argument("--patch-dtype", default="fp16", choices=["fp16", "fp32"],
+                   help="dtype of a patch's keys and value differences (a large patch holds fp64 sums instead)")
     e.add_argument("--show", type=int, default=5, help="facts whose before/after answers are printed")
     e.add_argument("--dry-run", action="store_true",
                    help="check the facts and print the memory and time the edit will need; edit and write nothing")
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     method = checked_method(args.method, args.editor)
     if args.dry_run and not method.trained:
         raise UsageError(f"--dry-run estimates trained editors, not --method {method.name}")
+    if args.patch_out and method.name != "malmen":
+        raise UsageError(f"--patch-out needs a MALMEN editor (a patch is a share of its normal equation), not --method {method.name}")
     checked = check_file(args)
     from ..datasets import load_facts
     from ..timing import timed
@@ -57,13 +63,24 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(args, editor, checked)
     answers_before = answers(editor, [f.prompt for f in checked.shown])
     bar = progress(checked.n, "editing")
+    facts = load_facts(args.facts, target=args.target, fmt=args.format)
     with timed(editor.adapter.device) as took:
-        handle = editor.edit(load_facts(args.facts, target=args.target, fmt=args.format), progress=bar.update)
+        if args.patch_out:  # the patch, then the edit it makes: the facts are traced once
+            from ..patches import apply_patches, make_patch
+
+            patch = make_patch(editor, facts, dtype=args.patch_dtype, progress=bar.update)
+            handle = apply_patches(model, [patch])
+        else:
+            handle = editor.edit(facts, progress=bar.update)
     bar.close()
     answers_after = answers(editor, [f.prompt for f in checked.shown])
     for fact, a0, a1 in zip(checked.shown, answers_before, answers_after):
         print(f"{fact.prompt}\n  target: {fact.target}\n  before: {a0}\n  after:  {a1}")
     print(f"edited {checked.n} facts at once in {took.seconds:.1f} s ({checked.n / took.seconds:.1f} facts/s)")
+    if args.patch_out:
+        patch.save(args.patch_out)
+        print(f"saved the patch to {args.patch_out} ({patch.form}, {patch.nbytes / 2**20:.1f} MB; "
+              f"apply it with malmen apply)")
     if args.out:
         from ..models import save_model
 
