@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import io, linear, registry
+from . import distributed, io, linear, registry
 from .facts import Fact, distinct
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .adapters import Adapter, Batch, adapter_for
@@ -248,18 +248,27 @@ class MalmenEditor:
 
     def shifts(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
         """The shift of every edited module for all ``facts`` (streamed; memory flat in their number
-        but for one fingerprint per distinct fact: identical facts count once)."""
+        but for one fingerprint per distinct fact: identical facts count once).
+
+        Under torch.distributed each process traces its share of the facts; the sums are added
+        over the processes, rank 0 solves and the shifts are broadcast (distributed.py)."""
         aggregator = self.new_aggregator()
         seen = 0
-        for batch in self.batches(distinct(facts)):
+        for batch in self.batches(distributed.shard(distinct(facts))):
             keys, grads = trace(self.adapter, self.modules, batch, self.config.keys)
             self.accumulate(aggregator, keys, grads)
             seen += len(batch)
             if progress:
                 progress(len(batch))
-        if seen == 0:
+        if distributed.total(seen, self.adapter.device) == 0:
             raise ValueError("no facts to edit")
-        return self.solve(aggregator).shifts
+        distributed.all_reduce(aggregator.statistics().values())
+        if distributed.is_main():
+            shifts = self.solve(aggregator).shifts
+        else:
+            shifts = {m: torch.empty(a, b, device=self.adapter.device) for m, (a, b) in self.hypernet.shapes.items()}
+        distributed.broadcast(shifts.values())
+        return shifts
 
     def edit(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> EditHandle:
         """Apply one aggregated update for all facts; the handle reverts it exactly."""

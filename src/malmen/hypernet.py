@@ -41,10 +41,16 @@ class Normaliser(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
+        if x.shape[0] == 0:
+            return
+        self.merge(x.shape[0], x.mean(0), x.var(0, unbiased=False))
+
+    @torch.no_grad()
+    def merge(self, n: float, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
+        """Merge the moments of a batch of ``n`` rows (gathered from several chunks or processes)."""
         if n == 0:
             return
-        batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
+        batch_mean, batch_var = batch_mean.float(), batch_var.float()
         total = self.count + n
         delta = batch_mean - self.mean
         w = float(n / total)

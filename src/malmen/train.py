@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import io
+from . import distributed, io
 from .cache import StepCache
 from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, per_fact_sum, trace
 from .evaluate import evaluate, peak_rss_mb
@@ -102,19 +102,28 @@ class Trainer:
 
     def meta_gradients(self, facts: list[Fact], step: int) -> dict:
         """Fill ``.grad`` of the hyper-network with dL_meta/dtheta for one batch of facts
-        (DESIGN.md section 3, steps 1-4)."""
+        (DESIGN.md section 3, steps 1-4).
+
+        Under torch.distributed this process takes its share of ``facts``; the sums, G and the
+        gradients are added over the processes (distributed.py), so every process ends with the
+        gradients of the whole batch."""
+        n = len(facts)
+        facts = list(distributed.shard(facts))
         with StepCache(self.config.cache_dtype, self.config.cache_budget_mb) as cache:
             keys, grads = self.trace_edits(facts, cache)
             if step == 0 and self.config.calibrate_eta and self.step_index == 0 and self.initialised_from is None:
-                self.calibrate(facts, keys, grads)
+                self.calibrate(facts, keys, grads, n)
             aggregator = self.editor.new_aggregator()
             self.editor.accumulate(aggregator, keys, grads)
-            solution = self.editor.solve(aggregator)
-            G, stats = self.shift_gradients(facts, step, solution.shifts)
+            distributed.all_reduce(aggregator.statistics().values())
+            solution = self.editor.solve(aggregator)  # on every process: each needs it for the backward
+            G, stats = self.shift_gradients(facts, step, solution.shifts, n)
+            distributed.all_reduce(G.values())
             self.backward_through_solve(solution, G, keys, grads)
+        distributed.all_reduce_grads(self.editor.hypernet.parameters())
         if self.store is not None:
             self.store.flush()
-        return stats
+        return {k: distributed.total(v) for k, v in stats.items()}
 
     def trace_edits(self, facts: list[Fact], cache: StepCache) -> tuple[dict, dict]:
         """Step 1: keys and value-gradients of the edit prompts, kept in ``cache``; the
@@ -129,14 +138,28 @@ class Trainer:
         del traced
         keys, grads = cache.put(keys, grads)
         device = ed.adapter.device
-        for name in ed.modules:  # chunk by chunk onto the device: the cache may be memory-mapped files
+        for name in ed.modules:  # moments chunk by chunk on the device (the cache may be memory-mapped
+            # files), added over the processes, then merged into the running statistics once
+            a, b = ed.hypernet.shapes[name]
+            moments = [torch.zeros((), dtype=torch.float64, device=device), torch.zeros(a + b, dtype=torch.float64, device=device),
+                       torch.zeros(a + b, dtype=torch.float64, device=device)]
             for s in chunks(keys[name].shape[0], ed.config.hyper_batch_size):
-                hn.normaliser(name).update(torch.cat([keys[name][s].to(device).float(), grads[name][s].to(device).float()], -1))
+                x = torch.cat([keys[name][s].to(device).float(), grads[name][s].to(device).float()], -1).double()
+                moments[0] += x.shape[0]
+                moments[1] += x.sum(0)
+                moments[2] += x.pow(2).sum(0)
+            distributed.all_reduce(moments)
+            count, total, squares = moments
+            if count > 0:
+                mean = total / count
+                hn.normaliser(name).merge(float(count), mean, (squares / count - mean.pow(2)).clamp_min(0))
         return keys, grads
 
-    def shift_gradients(self, facts: list[Fact], step: int, shifts: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    def shift_gradients(self, facts: list[Fact], step: int, shifts: dict[str, torch.Tensor],
+                        n: int | None = None) -> tuple[dict, dict]:
         """Step 3: with the shifts applied, L_meta = L_gen (rephrases) + c_loc * KL (locality),
-        backpropagated through the LM in micro-batches; only G = dL/dS of each module is kept."""
+        backpropagated through the LM in micro-batches; only G = dL/dS of each module is kept.
+        Losses are means over the ``n`` facts of the step (all processes'; default: these)."""
         ed, cfg = self.editor, self.config
         adapter, modules = ed.adapter, ed.modules
 
@@ -154,7 +177,7 @@ class Trainer:
                     before.append(torch.log_softmax(adapter.answer_logits(b), -1))
         trunk.rewind()
         G = {name: torch.zeros_like(shifts[name]) for name in modules}
-        n = len(facts)
+        n = n or len(facts)
         gen_loss = loc_loss = 0.0
         with EditHandle(adapter.model, shifts):
             for kind, group in (("gen", gen_batches), ("loc", loc_batches)):
@@ -189,19 +212,22 @@ class Trainer:
         ed, hn = self.editor, self.editor.hypernet
         self.optimizer.zero_grad(set_to_none=True)
         adjoint = solution.backward(G)
-        sum(hn.lam(name) * adjoint.dlam[name].detach() for name in ed.modules).backward()
+        if distributed.is_main():  # the same on every process: counted once when the gradients are added
+            sum(hn.lam(name) * adjoint.dlam[name].detach() for name in ed.modules).backward()
         for chunk in ed.chunks(keys, grads):
             adjoint.surrogate(chunk).backward()
 
     @torch.no_grad()
-    def calibrate(self, facts: list[Fact], keys: dict, grads: dict) -> None:
+    def calibrate(self, facts: list[Fact], keys: dict, grads: dict, n: int | None = None) -> None:
         """Initial step size: the eta (shared by all modules) that most lowers the edit loss of the
-        first batch with the untrained (identity) hyper-network.  Learned from there on."""
+        first batch with the untrained (identity) hyper-network.  Learned from there on.  ``facts``
+        are this process's share of the ``n`` facts of the batch."""
         ed, hn = self.editor, self.editor.hypernet
         batches = list(ed.batches(facts))
+        n = n or len(facts)
 
         def edit_loss() -> float:
-            return sum(float(finetune_loss(ed.adapter.answer_logits(b), b)) for b in batches) / len(facts)
+            return distributed.total(sum(float(finetune_loss(ed.adapter.answer_logits(b), b)) for b in batches)) / n
 
         base = edit_loss()
         best = (base, float(hn.log_eta[0]))
@@ -209,6 +235,7 @@ class Trainer:
             hn.log_eta.fill_(log_eta)
             aggregator = ed.new_aggregator()
             ed.accumulate(aggregator, keys, grads)
+            distributed.all_reduce(aggregator.statistics().values())
             with EditHandle(ed.adapter.model, ed.solve(aggregator).shifts):
                 loss = edit_loss()
             if math.isfinite(loss) and loss < best[0]:
@@ -224,7 +251,9 @@ class Trainer:
         return result
 
     def save(self, name: str, with_optimizer: bool) -> None:
-        """Write the editor (and the Adam state, to resume) to ``out/name``, atomically."""
+        """Write the editor (and the Adam state, to resume) to ``out/name``, atomically (rank 0 only)."""
+        if not distributed.is_main():
+            return
         state = {"step": self.step_index, "best": self.best, "train_config": asdict(self.config),
                  "history": self.history[-200:]}
         if self.initialised_from is not None:

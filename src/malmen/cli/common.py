@@ -89,13 +89,23 @@ def read_facts(path: str, target: str, split: str | None = None, limit: int | No
 
 
 def load(args: argparse.Namespace):
-    """(model, tokenizer) of ``--model`` in ``--dtype`` on ``--device``."""
+    """(model, tokenizer) of ``--model`` in ``--dtype`` on ``--device``.  Under torchrun this
+    process joins the group first (its device: ``cuda:LOCAL_RANK`` when ``--device cuda``)."""
     import torch
 
+    from .. import distributed
     from ..models import load_model
 
+    args.device = distributed.init_from_env(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     return load_model(args.model, dtype=dtype, device=args.device)
+
+
+def main_process() -> bool:
+    """Whether this process prints and writes (rank 0 under torchrun; always without it)."""
+    from .. import distributed
+
+    return distributed.is_main()
 
 
 def seed(args: argparse.Namespace) -> None:
@@ -113,6 +123,8 @@ def progress(total: int | None, desc: str):
 def write_result(path: str, result: dict) -> None:
     from ..io import write_json
 
+    if not main_process():
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
     print(f"wrote {path}")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DATA_HINT, UsageError, add_common, add_method_options, checked_method, load, method_options,
-                     progress, seed)
+from .common import (DATA_HINT, UsageError, add_common, add_method_options, checked_method, load, main_process,
+                     method_options, progress, seed)
 
 
 def add_parser(sub) -> None:
@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     editor = method.build(model, tok, args.editor, method_options(args))
     if args.dry_run:
         return dry_run(args, editor, checked)
-    answers_before = answers(editor, [f.prompt for f in checked.shown])
-    bar = progress(checked.n, "editing")
+    main = main_process()  # under torchrun every process edits its share; rank 0 prints and writes
+    shown = checked.shown if main else []
+    answers_before = answers(editor, [f.prompt for f in shown])
+    bar = progress(checked.n if main else None, "editing")
     facts = load_facts(args.facts, target=args.target, fmt=args.format)
     with timed(editor.adapter.device) as took:
         if args.patch_out:  # the patch, then the edit it makes: the facts are traced once
@@ -73,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             handle = editor.edit(facts, progress=bar.update)
     bar.close()
-    answers_after = answers(editor, [f.prompt for f in checked.shown])
-    for fact, a0, a1 in zip(checked.shown, answers_before, answers_after):
+    answers_after = answers(editor, [f.prompt for f in shown])
+    if not main:
+        return 0
+    for fact, a0, a1 in zip(shown, answers_before, answers_after):
         print(f"{fact.prompt}\n  target: {fact.target}\n  before: {a0}\n  after:  {a1}")
     print(f"edited {checked.n} facts at once in {took.seconds:.1f} s ({checked.n / took.seconds:.1f} facts/s)")
     if args.patch_out:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import (DATA_HINT, UsageError, add_common, add_method_options, checked_method, load, method_options,
-                     read_facts, seed, write_result)
+from .common import (DATA_HINT, UsageError, add_common, add_method_options, checked_method, load, main_process,
+                     method_options, read_facts, seed, write_result)
 
 
 def add_parser(sub) -> None:
@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
                       progress=lambda m: print(m, file=sys.stderr))
     result.update(method=method.name, editor=str(args.editor), skip=args.skip, data=str(args.data),
                   target=args.target, split=args.split, model=args.model)
+    if not main_process():
+        return 0
     print(table(result))
     if args.out:
         write_result(args.out, result)

@@ -120,7 +120,13 @@ def fit(args: argparse.Namespace, trainer) -> int:
 
     from ..evaluate import peak_rss_mb
 
+    from .common import main_process
+
     editor, tc = trainer.editor, trainer.config
+    main = main_process()  # under torchrun every process trains on its share; rank 0 logs and writes
+    if not main:
+        trainer.fit()
+        return 0
     print(f"training {editor.config.aggregation} on {len(trainer.train)} facts ({len(trainer.val)} validation), "
           f"{tc.n_edits} facts per step, modules {editor.modules}", file=sys.stderr)
     bar = tqdm(total=tc.steps, initial=trainer.step_index, desc="meta-training", unit="step", dynamic_ncols=True, disable=None)
