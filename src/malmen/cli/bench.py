@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     add_common(q, target=False)
     q.add_argument("--methods", nargs="+", required=True,
                    help="METHOD=EDITOR for methods with a trained editor (e.g. malmen=smollm2-zsre), a plain name "
-                        "otherwise (ft, ft-l)")
+                        "otherwise (ft, ft-l); LABEL:METHOD=EDITOR names a row (to compare two editors of one method)")
     q.add_argument("--data", nargs="+", required=True, help="NAME=FILE pairs of held-out facts")
     q.add_argument("--split", choices=["train", "val", "test"], help="keep one part of the fixed zsRE split (held out: val, test)")
     q.add_argument("--targets", nargs="+", choices=["new", "true"], default=["new", "true"],
@@ -86,7 +86,10 @@ def quality(args: argparse.Namespace) -> int:
     methods = []
     for spec in args.methods:
         name, _, editor = spec.partition("=")
-        methods.append((name, checked_method(name, editor or None), editor or None))
+        label, _, name = name.rpartition(":")
+        methods.append((label or name, checked_method(name, editor or None), editor or None))
+    if len({label for label, _, _ in methods}) < len(methods):
+        raise UsageError("two --methods share a row name: name them LABEL:METHOD=EDITOR")
     datasets = []
     for spec in args.data:
         name, _, path = spec.partition("=")
