@@ -54,10 +54,23 @@ class KeyGradTrace:
         self.grads: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._stack = ExitStack()
+        self._indices: dict[int, torch.Tensor] = {}
+
+    def _rows(self, name: str) -> torch.Tensor | None:
+        """The flat row indices of ``mask``, found once per mask: selecting by index needs no
+        synchronisation with a GPU, where a boolean mask would need one per layer and direction."""
+        mask = self.mask.get(name) if isinstance(self.mask, dict) else self.mask
+        if mask is None:
+            return None
+        key = id(mask)
+        if key not in self._indices:
+            self._indices[key] = mask.reshape(-1).nonzero().squeeze(1)
+        return self._indices[key]
 
     def _select(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask.get(name) if isinstance(self.mask, dict) else self.mask
-        return x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+        rows = self._rows(name)
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if rows is None else flat.index_select(0, rows.to(flat.device))
 
     def _hook(self, name: str):
         def hook(module, inputs, output):

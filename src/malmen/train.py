@@ -187,17 +187,17 @@ class Trainer:
                         logits = adapter.answer_logits(batch)
                         if kind == "gen":
                             loss = finetune_loss(logits, batch) / n
-                            gen_loss += float(loss.detach())
+                            gen_loss = gen_loss + loss.detach()  # a tensor: no host round-trip per micro-batch
                         else:
                             logp = torch.log_softmax(logits, -1)
                             kl = (before[i].exp() * (before[i] - logp)).sum(-1)
                             fact_kl = per_fact_sum(kl, batch.mask) / n
                             loss = cfg.c_loc * fact_kl
-                            loc_loss += float(fact_kl.detach())
+                            loc_loss = loc_loss + fact_kl.detach()
                         loss.backward()
                     for name in modules:
                         G[name] += t.keys[name].float().t() @ t.grads[name].float()
-        return G, {"gen_loss": gen_loss, "loc_loss": loc_loss}
+        return G, {"gen_loss": float(gen_loss), "loc_loss": float(loc_loss)}
 
     def trunk_replay(self, batch, trunk=None):
         """Where the blocks below the edits get their output: the persistent store when there is
