@@ -7,7 +7,6 @@ import tiny
 from malmen.adapters import adapter_for
 from malmen.editor import EditorConfig, MalmenEditor
 from malmen.hypernet import HyperConfig
-from malmen.train import TrainConfig, Trainer
 from malmen.trunkstore import TrunkStore
 
 
@@ -64,22 +63,11 @@ def test_meta_gradients_with_a_store_equal_those_without(dtype, rtol, tmp_path):
     modules = ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"]
     ed = MalmenEditor(model, tok, EditorConfig(modules=modules, hyper=HyperConfig(rank=8, eta_init=0.5), lm_batch_size=3))
     facts = tiny.facts(8, seed=3)
-    hn = ed.hypernet
-    state = {k: v.clone() for k, v in hn.state_dict().items()}
-
-    def grads(**store):
-        hn.load_state_dict(state)
-        trainer = Trainer(ed, facts, facts, TrainConfig(n_edits=8, calibrate_eta=False, **store), "/unused")
-        trainer.meta_gradients(facts, 0)
-        out = {n: p.grad.clone() for n, p in hn.named_parameters() if p.grad is not None}
-        hn.zero_grad(set_to_none=True)
-        return out, trainer.store
-
-    reference, _ = grads()
-    filling, store = grads(trunk_store=str(tmp_path / "s"), trunk_dtype=dtype)
-    assert store.misses == 8 * 3  # edit, rephrase and locality prompt of 8 facts, each once
-    replayed, store = grads(trunk_store=str(tmp_path / "s"), trunk_dtype=dtype)
-    assert store.misses == 0 and store.hits == 8 * 4  # every row replayed (locality: before and after)
+    reference, _ = tiny.meta_gradients(ed, facts)
+    filling, trainer = tiny.meta_gradients(ed, facts, trunk_store=str(tmp_path / "s"), trunk_dtype=dtype)
+    assert trainer.store.misses == 8 * 3  # edit, rephrase and locality prompt of 8 facts, each once
+    replayed, trainer = tiny.meta_gradients(ed, facts, trunk_store=str(tmp_path / "s"), trunk_dtype=dtype)
+    assert trainer.store.misses == 0 and trainer.store.hits == 8 * 4  # every row replayed (locality: before and after)
     for name, g in reference.items():
         scale = g.abs().max()
         # the first run fills the store, then replays it too

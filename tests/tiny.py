@@ -158,3 +158,19 @@ def causal(family: str, layers: int = 2, hidden: int = 32, seed: int = 0):
     }
     config_cls, model_cls, extra = configs[family]
     return prepare(model_cls(config_cls(**common, **extra)))
+
+
+def meta_gradients(editor, facts_list, **config):
+    """The hyper-network's meta-gradients on ``facts_list`` under ``TrainConfig(**config)`` (one
+    step, no step-size search), and the trainer; the editor is left as it was found."""
+    from malmen.train import TrainConfig, Trainer
+
+    hn = editor.hypernet
+    state = {k: v.clone() for k, v in hn.state_dict().items()}
+    trainer = Trainer(editor, facts_list, facts_list, TrainConfig(n_edits=len(facts_list), calibrate_eta=False, **config),
+                      "/unused")
+    trainer.meta_gradients(facts_list, 0)
+    grads = {n: p.grad.clone() for n, p in hn.named_parameters() if p.grad is not None}
+    hn.zero_grad(set_to_none=True)
+    hn.load_state_dict(state)
+    return grads, trainer
