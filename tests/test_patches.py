@@ -96,11 +96,37 @@ def test_a_patch_is_traced_at_the_base_weights():
     assert all(torch.equal(fresh.tensors[k], later.tensors[k]) for k in fresh.tensors)
 
 
+def test_keys_not_stored_are_traced_again_bit_for_bit(tmp_path):
+    editor = editor_for()
+    subjects = [dataclasses.replace(f, subject=f.prompt.split()[0]) for f in facts(9, 6)]
+    for keys, batch in (("answer", facts(9, 6)), ("subject", subjects)):
+        editor.config.keys = keys
+        stored, lean = make_patch(editor, batch, store_keys=True), make_patch(editor, batch)
+        stored.save(tmp_path / f"stored-{keys}")
+        lean.save(tmp_path / f"lean-{keys}")
+        assert lean.nbytes < stored.nbytes and lean.keys_stored is False
+        loaded = Patch.load(tmp_path / f"lean-{keys}")
+        assert not loaded.has_keys and not any(k.endswith("/keys") for k in loaded.tensors)
+        with pytest.raises(PatchError, match="does not store its keys"):
+            apply_patches(editor.model, [loaded])
+        handle = apply_patches(editor.model, [make_patch(editor, facts(4, 1))], tokenizer=editor.adapter.tokenizer)
+        handle.add(loaded)  # traced while the model carries the first patch: at the base weights all the same
+        handle.revert()
+        reference = Patch.load(tmp_path / f"stored-{keys}")
+        assert set(loaded.tensors) == set(reference.tensors)
+        assert all(torch.equal(loaded.tensors[k], reference.tensors[k]) for k in reference.tensors)
+    editor.config.keys = "answer"
+    other = Patch.load(tmp_path / "lean-answer")
+    other.tensors["tokens/fact"] = other.tensors["tokens/fact"][1:]  # as if another tokenizer had made it
+    with pytest.raises(PatchError, match="another tokenizer"):
+        apply_patches(editor.model, [other], tokenizer=editor.adapter.tokenizer)
+
+
 def test_large_patches_hold_sums_and_still_sum_to_the_union():
     editor = editor_for()
     many = facts(200, 4)  # 400 tokens: keys and differences would outweigh KᵀK and KᵀD of 64-wide keys
     union, noise = editor.shifts(many + facts(5, 5)), chunking_noise(editor, many + facts(5, 5))
-    patch = make_patch(editor, many)
+    patch = make_patch(editor, many, store_keys=True)
     assert patch.form == "sums" and patch.meta["dtype"] == "fp64"
     small = make_patch(editor, facts(5, 5), "fp32")
     handle = apply_patches(editor.model, [patch, small])
@@ -156,6 +182,7 @@ def test_save_load_and_the_command_line(tmp_path):
     assert meta["form"] == "tokens" and len(meta["facts"]) == 6 and meta["editor"]["modules"] == editor.modules
     loaded = Patch.load(tmp_path / "pa")
     assert set(loaded.tensors["tokens/fact"].tolist()) == set(range(6)) and loaded.meta == meta
+    assert not meta["keys_stored"] and not loaded.has_keys  # `malmen apply` traces them again
     assert main(["apply", str(tmp_path / "pa"), str(tmp_path / "pb"), "--out", str(tmp_path / "edited")]) == 0
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
     union = editor.shifts(facts(6, 1) + facts(5, 2))

@@ -1,7 +1,8 @@
 """``malmen bench sequential``: many facts as a stream of patches, as lifelong-editing papers run it.
 
 n facts are cut into batches of ``patch_size``, and the model is edited three ways:
-  patches     every batch is a patch traced at the base weights, all applied with one solve;
+  patches     every batch is a patch traced at the base weights and saved; all are loaded and
+              applied with one solve (their keys traced again, as ``malmen apply`` does);
   one batch   all n facts edited at once (the union: what the patches should equal);
   sequential  naive sequential MALMEN: each batch edited into the model the earlier ones left.
 ES / GS / LS are measured over all n facts after the last batch (LS against the unedited model),
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 from ..editor import MalmenEditor, micro_batches
 from ..evaluate import peak_rss_mb, snapshot
 from ..facts import Fact
-from ..patches import apply_patches, make_patch
+from ..patches import Patch, apply_patches, make_patch
 from ..timing import timed
 
 
@@ -47,19 +48,19 @@ def run_sequential(editor: MalmenEditor, facts: Sequence[Fact], patch_size: int,
         rows.append({"way": way, **{k: mean(v) for k, v in after.items()}, **extra})
         log(f"{way}: ES {rows[-1]['ES']:.3f} GS {rows[-1]['GS']:.3f} LS {rows[-1]['LS']:.3f}")
 
-    # patches, traced at the base weights, then one solve
-    patches, patch_seconds, sizes = [], [], []
+    # patches, traced at the base weights and saved; then loaded and applied as `malmen apply`
+    # does (the keys traced again from the facts) with one solve
+    names, patch_seconds, sizes = [], [], []
     for i, batch in enumerate(batches):
         with timed(adapter.device) as took:
             patch = make_patch(editor, batch)
-        patch.name = str(out / "patches" / f"{i:04d}")
-        patch.save(patch.name)
-        patches.append(patch)
+            patch.save(out / "patches" / f"{i:04d}")
+        names.append(out / "patches" / f"{i:04d}")
         patch_seconds.append(took.seconds)
-        sizes.append(dir_bytes(Path(patch.name)))
+        sizes.append(dir_bytes(names[-1]))
     with timed(adapter.device) as solve:
-        handle = apply_patches(editor.model, patches)
-    measure("patches", patches=len(patches), seconds_per_patch=mean(patch_seconds), solve_seconds=solve.seconds,
+        handle = apply_patches(editor.model, [Patch.load(name) for name in names], tokenizer=adapter.tokenizer)
+    measure("patches", patches=len(names), seconds_per_patch=mean(patch_seconds), solve_seconds=solve.seconds,
             patch_mb=mean(sizes) / 2**20, total_seconds=sum(patch_seconds) + solve.seconds)
     handle.revert()
 

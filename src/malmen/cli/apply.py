@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with timed(args.device) as took:
-            handle = apply_patches(model, patches, supersede=args.supersede)
+            handle = apply_patches(model, patches, supersede=args.supersede, tokenizer=tok)
     except PatchError as err:
         raise UsageError(str(err)) from None
     facts = sum(len(p.facts) for p in patches)

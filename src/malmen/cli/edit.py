@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
                    "contribution, to apply later with `malmen apply`, alone or with other patches")
     e.add_argument("--patch-dtype", default="fp16", choices=["fp16", "fp32"],
                    help="dtype of a patch's keys and value differences (a large patch holds fp64 sums instead)")
+    e.add_argument("--patch-keys", action="store_true",
+                   help="store the keys in the patch too (about 3.5x its size on SmolLM2); by default `malmen apply` "
+                        "traces them again from the facts with the base model")
     e.add_argument("--show", type=int, default=5, help="facts whose before/after answers are printed")
     e.add_argument("--dry-run", action="store_true",
                    help="check the facts and print the memory and time the edit will need; edit and write nothing")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if args.patch_out:  # the patch, then the edit it makes: the facts are traced once
             from ..patches import apply_patches, make_patch
 
-            patch = make_patch(editor, facts, dtype=args.patch_dtype, progress=bar.update)
+            patch = make_patch(editor, facts, dtype=args.patch_dtype, store_keys=args.patch_keys, progress=bar.update)
             handle = apply_patches(model, [patch])
         else:
             handle = editor.edit(facts, progress=bar.update)
