@@ -9,7 +9,8 @@ Every method builds an editor that offers
     editor.edit(facts) -> EditHandle      applies them; ``handle.revert()`` restores the weights exactly
 
 and, when it has learned state, ``save_pretrained(path)`` and ``from_pretrained(path, model,
-tokenizer)``.  A method is a file of its own plus one entry in ``METHODS``: its factory is named
+tokenizer)``; when it needs one-time work before its first edit (MEMIT's key statistics),
+``prepare() -> seconds``, which benchmarks call first and report apart from edit time.  A method is a file of its own plus one entry in ``METHODS``: its factory is named
 by a string and imported only when the method is built, so the command line checks a user's
 input (which methods, which editor) without loading torch.
 
@@ -98,6 +99,18 @@ FT_OPTIONS = (
     Option("--ft-lr", float, 5e-3, "ft/ft-l: Adam learning rate"),
 )
 
+LOCATE_OPTIONS = (
+    # defaults: MEMIT's GPT-J settings, but the layers (memit.default_layers) and the corpus (keystats.py)
+    Option("--memit-layers", str, "", "memit/alphaedit: edited blocks, e.g. 3-8 (default: about 10%%-28%% of the depth)"),
+    Option("--memit-steps", int, 25, "memit/alphaedit: Adam steps on each fact's target hidden state"),
+    Option("--memit-lr", float, 0.5, "memit/alphaedit: learning rate of those steps"),
+    Option("--memit-lambda", float, 15000.0, "memit: weight of the key statistics C against the facts' keys"),
+    Option("--null-threshold", float, 2e-2, "alphaedit: eigenvalues of C below this span the preserved null space"),
+    Option("--alpha-l2", float, 10.0, "alphaedit: ridge term of the projected solve"),
+    Option("--stats-texts", int, 512, "memit/alphaedit: texts of 128 tokens sampled from the model for C"),
+    Option("--stats-dir", str, "~/.cache/malmen", "memit/alphaedit: where key statistics are cached"),
+)
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts "
            "(per layer, or jointly over the layers for an editor trained with --method joint)",
@@ -107,7 +120,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ft", "baselines.ft:from_method", "fine-tune the edited layers on the facts (Adam)", options=FT_OPTIONS),
     Method("ft-l", "baselines.ft:from_method", "FT with every weight change bounded (ROME/MEMIT's FT-L)",
            options=FT_OPTIONS + (Option("--ft-linf", float, 5e-4, "ft-l: bound on each weight change"),)),
+    Method("memit", "memit:from_method", "MEMIT: target hidden states optimised per fact, the update spread over "
+           "early-middle MLP layers against key statistics of ordinary text", options=LOCATE_OPTIONS),
+    Method("alphaedit", "memit:from_method", "AlphaEdit: MEMIT's update projected on the null space of the key "
+           "statistics (preserved outputs do not move)", options=LOCATE_OPTIONS),
 )}
+
+
+def prepare(editor) -> float:
+    """Run an editor's one-time work (``prepare``, where it has one); its seconds (0 if none or cached)."""
+    return float(editor.prepare()) if hasattr(editor, "prepare") else 0.0
 
 
 def method_for(name: str | None, editor: str | None) -> Method:

@@ -190,7 +190,9 @@ def weight_sample(model: nn.Module, modules: Sequence[str], per_module: int = 32
     out = {}
     for name in modules:
         w = model.get_submodule(name).weight.detach().flatten()
-        idx = torch.linspace(0, w.numel() - 1, per_module).long()
+        # clamped: float32 linspace can round past the end of a large tensor (an embedding); the
+        # indices of smaller ones stay those recorded in shipped editors
+        idx = torch.linspace(0, w.numel() - 1, per_module).long().clamp(max=w.numel() - 1)
         out[name] = [float(x) for x in w[idx.to(w.device)].float().cpu()]
     return out
 

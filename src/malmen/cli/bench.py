@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
     sq.add_argument("--n", type=int, default=2000, help="facts in all")
     sq.add_argument("--patch-size", type=int, default=100, help="facts per patch (and per sequential batch)")
     sq.add_argument("--carry", type=int, default=0, help="also time adding a patch to a model carrying this many facts "
-                    "(the first facts of the train split of --data when --split is given, else of the file; only timed)")
+                    "(the first facts of --data besides the measured ones, any split; only timed)")
     sq.add_argument("--out", required=True, help="directory for the patches, results.json and results.md")
     sq.set_defaults(func=sequential)
 
@@ -195,8 +195,11 @@ def sequential(args: argparse.Namespace) -> int:
     if len(facts) < args.n:
         raise UsageError(f"{args.data}: {len(facts)} facts after skipping {args.skip}, not {args.n}")
     carry = []
-    if args.carry:
-        carry = read_facts(args.data, args.target, split="train" if args.split else None, limit=args.carry, fmt=args.format)
+    if args.carry:  # other facts of the file, whatever their split: they are only timed
+        measured = {f.prompt for f in facts}
+        carry = [f for f in read_facts(args.data, args.target, fmt=args.format) if f.prompt not in measured][:args.carry]
+        if len(carry) < args.carry:
+            raise UsageError(f"{args.data}: {len(carry)} facts besides the {args.n} measured, not {args.carry} to carry")
     seed(args)
     model, tok = load(args)
     editor = MalmenEditor.from_pretrained(args.editor, model, tok)

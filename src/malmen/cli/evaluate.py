@@ -37,9 +37,12 @@ def run(args: argparse.Namespace) -> int:
     seed(args)
     model, tok = load(args)
     editor = method.build(model, tok, args.editor, method_options(args))
+    from ..methods import prepare
+
+    prepared = prepare(editor)  # one-time work (MEMIT's key statistics), timed apart from the edits
     result = evaluate(editor, facts, args.n_edits, generate=not args.no_generate,
                       progress=lambda m: print(m, file=sys.stderr))
-    result.update(method=method.name, editor=str(args.editor), skip=args.skip, data=str(args.data),
+    result.update(method=method.name, editor=str(args.editor), prepare_seconds=prepared, skip=args.skip, data=str(args.data),
                   target=args.target, split=args.split, model=args.model)
     if not main_process():
         return 0
