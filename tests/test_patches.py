@@ -94,6 +94,7 @@ def test_a_patch_is_traced_at_the_base_weights():
         later = make_patch(editor, facts(5, 2), "fp32")
         assert weights(editor.model)  # still edited inside
     assert all(torch.equal(fresh.tensors[k], later.tensors[k]) for k in fresh.tensors)
+    assert later.meta["base_model"] == fresh.meta["base_model"]  # it records the base weights too
 
 
 def test_keys_not_stored_are_traced_again_bit_for_bit(tmp_path):

@@ -204,6 +204,7 @@ def make_patch(editor, facts: Iterable[Fact], dtype: str = "fp16", store_keys: b
     owners: list[torch.Tensor] = []
     index = {id(f): i for i, f in enumerate(facts)}
     with suspended_edits(editor.model):
+        base = model_identity(editor.model, modules)  # the base weights, not those of edits applied now
         for batch, group in editor.batches_with_facts(facts):
             traced_keys, traced_grads = trace(editor.adapter, modules, batch, editor.config.keys)
             masks = editor.adapter.key_masks(batch, modules, editor.config.keys)
@@ -240,7 +241,7 @@ def make_patch(editor, facts: Iterable[Fact], dtype: str = "fp16", store_keys: b
                    "keys": editor.config.keys, "modules": list(modules),
                    "shapes": {m: list(s) for m, s in shapes.items()},
                    "lambdas": {m: float(editor.hypernet.lam(m).detach()) for m in modules}},
-        "base_model": model_identity(editor.model, modules),
+        "base_model": base,
         "facts": [{"id": f.uid if f.uid is not None else str(i), "prompt_sha1": sha1(f.prompt),
                    "target_sha1": sha1(f.target), "prompt": f.prompt, "target": f.target,
                    **({"subject": f.subject} if f.subject is not None else {})} for i, f in enumerate(facts)],
