@@ -88,7 +88,7 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
     for r in rows:
         lines.append(f"| {r['data']} | {r['target']} | {r['method']} | {r['n']} | {r['ES']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} | "
                      f"{r.get('ES_exact', math.nan):.3f} | {r.get('GS_exact', math.nan):.3f} | {r.get('LS_data', math.nan):.3f} | "
-                     f"{r['edit_seconds']:.1f} | {r.get('prepare_seconds', 0.0):.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['edit_seconds']:.1f} | {r.get('prepare_seconds', 0.0):.1f} | {r.get('peak_rss_mb', math.nan):.0f} | "
                      f"{r['before_ES']:.3f}/{r['before_GS']:.3f} |")
     lines += ["", "ES / GS / LS by number of facts edited at once:", ""] + pivot(rows)
     out = Path(out)
