@@ -18,7 +18,7 @@ fingerprints of the editor and the base model.  The keys of a token-form patch a
 default: they are the base model's inputs to the edited modules at the facts' tokens, a function
 of the base model and the facts' text, so applying traces them again (one forward pass over the
 patch's facts, in the batches it was made in, cast to its dtype: the very keys it would have
-stored).  That keeps a patch of 100 zsRE facts on SmolLM2 at 2.4 MB instead of 8.4 MB; pass
+stored).  That keeps a patch of 100 zsRE facts on SmolLM2 at 2.2 MiB (README, *Patches*); pass
 ``store_keys=True`` for a patch that applies without a forward pass (or with no tokenizer).  Files are safetensors plus JSON, written
 atomically (``io.atomic_dir``).  Facts of different patches that share a prompt but not a target
 are conflicts: applying refuses them, naming both patches, unless asked to let the newer patch

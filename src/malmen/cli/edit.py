@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     e.add_argument("--patch-dtype", default="fp16", choices=["fp16", "fp32"],
                    help="dtype of a patch's keys and value differences (a large patch holds fp64 sums instead)")
     e.add_argument("--patch-keys", action="store_true",
-                   help="store the keys in the patch too (about 3.5x its size on SmolLM2); by default `malmen apply` "
+                   help="store the keys in the patch too (larger); by default `malmen apply` "
                         "traces them again from the facts with the base model")
     e.add_argument("--show", type=int, default=5, help="facts whose before/after answers are printed")
     e.add_argument("--dry-run", action="store_true",
