@@ -98,6 +98,16 @@ def bucketed(items: Iterable, size: int, length: Callable, window: int = 32) -> 
         yield from micro_batches(sorted(block, key=length), size)
 
 
+def fact_batches(adapter: Adapter, facts: Iterable[Fact], size: int, where: str = "answer",
+                 prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[tuple[Batch, list[Fact]]]:
+    """Teacher-forced micro-batches of ``facts`` grouped by length (``bucketed``), each with its
+    facts in row order; subjects are marked when keys are read at the subject (``where``).
+    Deterministic, so that a patch's facts are traced again in the batches it was made in."""
+    for group in bucketed(facts, size, lambda f: len(prompt(f)) + len(f.target)):
+        subjects = [f.subject for f in group] if where == "subject" else None
+        yield adapter.batch([prompt(f) for f in group], [f.target for f in group], subjects), group
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -214,9 +224,7 @@ class MalmenEditor:
     def batches_with_facts(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt
                            ) -> Iterator[tuple[Batch, list[Fact]]]:
         """``batches``, each with its facts in row order."""
-        for group in bucketed(facts, self.config.lm_batch_size, lambda f: len(prompt(f)) + len(f.target)):
-            subjects = [f.subject for f in group] if self.config.keys == "subject" else None
-            yield self.adapter.batch([prompt(f) for f in group], [f.target for f in group], subjects), group
+        yield from fact_batches(self.adapter, facts, self.config.lm_batch_size, self.config.keys, prompt)
 
     def chunks(self, keys: dict, grads: dict) -> Iterator[dict[str, Tokens]]:
         """The traced tokens through the hyper-network, ``hyper_batch_size`` tokens at a time, every

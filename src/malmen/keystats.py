@@ -88,10 +88,9 @@ def sample_corpus(model: nn.Module, tokenizer, corpus: Corpus) -> Iterable[torch
         torch.random.set_rng_state(generator_state)
 
 
-def accumulate(model: nn.Module, modules: Sequence[str], batches: Iterable[torch.Tensor],
-               moments: SecondMoments | None = None) -> SecondMoments:
+def accumulate(model: nn.Module, modules: Sequence[str], batches: Iterable[torch.Tensor]) -> SecondMoments:
     """The keys of ``modules`` at every position of every batch of token ids, summed."""
-    moments = moments or SecondMoments()
+    moments = SecondMoments()
     for ids in batches:
         with torch.no_grad(), KeyGradTrace(model, modules, None, keep_grads=False) as t:
             model(input_ids=ids, use_cache=False)

@@ -125,7 +125,7 @@ class Patch:
         must have the base weights: callers suspend edits) in the micro-batches the patch was made
         in, cast to its dtype.  Refuses facts that tokenise to other key positions than recorded
         (another tokenizer than the patch's)."""
-        from .editor import bucketed
+        from .editor import fact_batches
 
         if self.has_keys:
             return
@@ -139,11 +139,8 @@ class Patch:
         keys: dict[str, list] = {m: [] for m in modules}
         owners: list[torch.Tensor] = []
         dtype = DTYPES[self.meta["dtype"]]
-        # the micro-batches make_patch traced (bucketed by the same length, in the same order)
-        for group in bucketed(list(enumerate(facts)), self.meta["lm_batch_size"],
-                              lambda item: len(item[1].prompt) + len(item[1].target)):
-            subjects = [f.subject for _, f in group] if where == "subject" else None
-            batch = adapter.batch([f.prompt for _, f in group], [f.target for _, f in group], subjects)
+        index = {id(f): i for i, f in enumerate(facts)}
+        for batch, group in fact_batches(adapter, facts, self.meta["lm_batch_size"], where):  # make_patch's batches
             masks = adapter.key_masks(batch, modules, where)
             masks = masks[modules[0]] if isinstance(masks, dict) else masks
             with torch.no_grad(), KeyGradTrace(adapter.model, modules, masks, keep_grads=False) as t:
@@ -151,7 +148,7 @@ class Patch:
             for m in modules:
                 keys[m].append(t.keys[m].to("cpu", dtype))
             counts = masks.sum(1).tolist()
-            owners.append(torch.tensor([i for (i, _), c in zip(group, counts) for _ in range(c)], dtype=torch.int32))
+            owners.append(torch.tensor([index[id(f)] for f, c in zip(group, counts) for _ in range(c)], dtype=torch.int32))
         traced, recorded = torch.cat(owners), self.tensors["tokens/fact"]
         if not torch.equal(traced, recorded):
             raise PatchError(f"{self.name}: its facts give {len(traced)} key positions here, {len(recorded)} when it "
