@@ -170,6 +170,23 @@ def test_bench_quality_writes_json_csv_markdown(workspace, trained):
     assert "| data | target | method | n = 1 | n = 4 |" in md and "| tiny | new | unedited |" in md
 
 
+def test_bench_quality_takes_a_split_and_a_skip_for_each_data_file(workspace, capsys):
+    w, out = workspace, workspace / "bench2"
+    data = [f"a={w / 'val.jsonl'}", f"b={w / 'val.jsonl'}"]
+    assert main(["bench", "quality", "--model", str(w / "model"), "--methods", "ft", "--data", *data, "--split", "all",
+                 "--skip", "0", "3", "--n", "2", "--facts-per-point", "2", "--targets", "new", "--no-generate",
+                 "--ft-steps", "1", "--out", str(out)]) == 0
+    held = {r["data"]: r["held_out_facts"] for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert held["a"] - held["b"] == 3
+    assert main(["bench", "quality", "--model", str(w / "model"), "--methods", "ft", "--data", *data,
+                 "--skip", "0", "1", "2", "--out", str(out / "x")]) == 2
+    assert "--skip: give one value, or one for each of the 2 --data files" in capsys.readouterr().err
+    assert not (out / "x").exists()
+    assert main(["bench", "quality", "--model", str(w / "model"), "--methods", "ft", "--data", data[0],
+                 "--skip", "3", "--n", "10000", "--out", str(out / "y")]) == 2
+    assert "fewer than any --n" in capsys.readouterr().err and not (out / "y").exists()
+
+
 def test_train_continues_from_an_editor(workspace, trained):
     w = workspace
     start = json.loads((trained / "best" / "editor.json").read_text())["trainer"]["step"]

@@ -45,7 +45,7 @@ class MemitConfig:
     v_weight_decay: float = 1e-3
     clamp_norm: float = 4.0         # ‖δ‖ <= clamp_norm · ‖h‖
     kl_factor: float = 0.0625
-    mom2_weight: float = 15000.0    # λ of MEMIT
+    mom2_weight: float = 1000.0     # λ of MEMIT (GPT-J: 15,000; SmolLM2's sweep: docs/RESULTS.md)
     null_threshold: float = 2e-2    # AlphaEdit: eigenvalues of C below this span the null space
     l2: float = 10.0                # AlphaEdit: μ
     lm_batch_size: int = 32

@@ -5,7 +5,8 @@ For every data file, target (counterfactual ``new`` or ``true`` answer), method 
 unedited model, reverted afterwards) and records every metric of evaluate.METRICS, unedited
 beside edited, the edit time, the peak memory and, apart from the edit time, a method's one-time
 preparation (``prepare_seconds``: MEMIT's key statistics, 0 when cached).  Writes
-``results.json``, ``results.csv``, ``results.md`` and, when matplotlib is installed, ``results.png``.
+``results.json``, ``results.csv``, ``results.md`` and, when matplotlib is installed, ``results.png``
+(ES, GS and LS against n, a row of panels per data file).
 """
 from __future__ import annotations
 
@@ -103,22 +104,24 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    metrics = [m for m in METRICS if any(m in r for r in rows)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
-        for data, target in dict.fromkeys((r["data"], r["target"]) for r in rows):
-            for method, colour in colours.items():
-                pts = sorted((r["n"], r[metric]) for r in rows
-                             if (r["data"], r["target"], r["method"]) == (data, target, method) and metric in r)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", color=colour, linestyle="-" if target == "new" else "--",
-                            label=f"{method} ({data}, {target})")
-        ax.set_xscale("log")
-        ax.set_title(metric)
-        ax.set_xlabel("facts edited at once")
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][0].legend(fontsize=7)
+    metrics = ["ES", "GS", "LS"]  # the headline metrics; every variant is in the CSV
+    names = list(dict.fromkeys(r["data"] for r in rows))  # one row of panels per data file
+    colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    fig, axes = plt.subplots(len(names), len(metrics), figsize=(3.2 * len(metrics), 3.2 * len(names)), squeeze=False)
+    for panels, data in zip(axes, names):
+        for ax, metric in zip(panels, metrics):
+            for target in dict.fromkeys(r["target"] for r in rows if r["data"] == data):
+                for method, colour in colours.items():
+                    pts = sorted((r["n"], r[metric]) for r in rows
+                                 if (r["data"], r["target"], r["method"]) == (data, target, method) and metric in r)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", color=colour, linestyle="-" if target == "new" else "--",
+                                label=f"{method} ({target})")
+            ax.set_xscale("log")
+            ax.set_title(f"{metric} ({data})")
+            ax.set_xlabel("facts edited at once")
+            ax.set_ylim(-0.02, 1.02)
+        panels[0].legend(fontsize=6)
     fig.tight_layout()
     try:
         with io.atomic_file(out / "results.png") as tmp:

@@ -23,10 +23,14 @@ def add_parser(sub) -> None:
                    help="METHOD=EDITOR for methods with a trained editor (e.g. malmen=smollm2-zsre), a plain name "
                         "otherwise (ft, ft-l); LABEL:METHOD=EDITOR names a row (to compare two editors of one method)")
     q.add_argument("--data", nargs="+", required=True, help="NAME=FILE pairs of held-out facts")
-    q.add_argument("--split", choices=["train", "val", "test"], help="keep one part of the fixed zsRE split (held out: val, test)")
+    q.add_argument("--split", nargs="+", choices=["train", "val", "test", "all"],
+                   help="keep one part of the fixed zsRE split (held out: val, test); one for every --data, or one for "
+                        "all ('all': the whole file)")
     q.add_argument("--targets", nargs="+", choices=["new", "true"], default=["new", "true"],
                    help="edit in the counterfactual and/or the true answers")
-    q.add_argument("--skip", type=int, default=0, help="skip the first facts (those the editors' checkpoints were selected on)")
+    q.add_argument("--skip", nargs="+", type=int, default=[0],
+                   help="skip the first facts (those the editors' checkpoints were selected on); one for every --data, "
+                        "or one for all")
     q.add_argument("--n", nargs="+", type=int, default=[1, 16, 128, 1024, 4096, 16384], help="facts edited at once")
     q.add_argument("--facts-per-point", type=int, default=1024, help="groups per point: this many facts // n (at least 1)")
     q.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics (they double the time)")
@@ -90,15 +94,16 @@ def quality(args: argparse.Namespace) -> int:
         methods.append((label or name, checked_method(name, editor or None), editor or None))
     if len({label for label, _, _ in methods}) < len(methods):
         raise UsageError("two --methods share a row name: name them LABEL:METHOD=EDITOR")
+    splits, skips = per_data(args.split or ["all"], args.data, "--split"), per_data(args.skip, args.data, "--skip")
     datasets = []
-    for spec in args.data:
+    for spec, split, skip in zip(args.data, splits, skips):
         name, _, path = spec.partition("=")
         if not path:
             raise UsageError(f"--data {spec!r}: expected NAME=FILE")
         for target in args.targets:
-            facts = read_facts(path, target, split=args.split, fmt=args.format)[args.skip:]
-            if not facts:
-                raise UsageError(f"{path}: no facts left after skipping {args.skip}")
+            facts = read_facts(path, target, split=None if split == "all" else split, fmt=args.format)[skip:]
+            if len(facts) < min(args.n):  # otherwise a long run would write an empty table
+                raise UsageError(f"{path}: {len(facts)} facts left after skipping {skip}, fewer than any --n")
             datasets.append((name, target, facts))
     seed(args)
     model, tok = load(args)
@@ -108,6 +113,15 @@ def quality(args: argparse.Namespace) -> int:
     write_outputs(rows, args.out, command_line())
     print((Path(args.out) / "results.md").read_text())
     return 0
+
+
+def per_data(values: list, data: list[str], flag: str) -> list:
+    """One value of ``flag`` for every --data: as given, or the single value repeated."""
+    if len(values) == 1:
+        return values * len(data)
+    if len(values) != len(data):
+        raise UsageError(f"{flag}: give one value, or one for each of the {len(data)} --data files")
+    return values
 
 
 def speed(args: argparse.Namespace) -> int:
