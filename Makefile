@@ -6,6 +6,8 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ZSRE  ?= ../shared/data/zsre/zsre_mend_eval_with_subject.json
 N     ?= 128
+# the README's rule: smollm2-zsre up to 128 facts at once, smollm2-zsre-large (trained at 1,024) above
+EDITOR ?= $(shell [ $(N) -gt 128 ] && echo smollm2-zsre-large || echo smollm2-zsre)
 
 .PHONY: setup test demo clean gpu-smoke
 
@@ -24,7 +26,7 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/malmen edit --editor smollm2-zsre --facts examples/facts.jsonl --show 4
-	$(VENV)/bin/malmen eval --editor smollm2-zsre --data $(ZSRE) --split val --skip 128 --n-edits $(N) --out results/demo.json
+	$(VENV)/bin/malmen eval --editor $(EDITOR) --data $(ZSRE) --split val --skip 128 --n-edits $(N) --out results/demo.json
 
 gpu-smoke: setup   # on a machine with a CUDA device (scripts/gpu-smoke)
 	PYTHON=$(PY) scripts/gpu-smoke

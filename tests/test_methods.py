@@ -61,3 +61,22 @@ def test_every_method_edits_reverts_and_reloads(name, trained_editors, tmp_path)
         again = type(editor).from_pretrained(tmp_path / "saved", model, tiny.tokenizer())
         reloaded = again.shifts(facts())
         assert all(torch.allclose(reloaded[m], shifts[m], atol=1e-6 * float(shifts[m].abs().max())) for m in shifts)
+
+
+def test_lambda_scale_equals_a_learned_lambda_that_large(trained_editors):
+    """--lambda-scale s solves with s times the learned regularisers: the same shifts as the editor
+    whose log-lambdas are log(s) higher, and a shift that shrinks as s grows."""
+    torch.manual_seed(0)
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    scaled = METHODS["malmen"].build(model, tok, str(trained_editors["malmen"]), {"lambda_scale": 50.0})
+    assert scaled.config.lambda_scale == 50.0
+    reference = MalmenEditor.from_pretrained(trained_editors["malmen"], model, tok)
+    with torch.no_grad():
+        reference.hypernet.log_lambda.add_(torch.log(torch.tensor(50.0)))
+    plain = MalmenEditor.from_pretrained(trained_editors["malmen"], model, tok)
+    a, b, c = scaled.shifts(facts()), reference.shifts(facts()), plain.shifts(facts())
+    for m in a:
+        torch.testing.assert_close(a[m], b[m], rtol=1e-4, atol=1e-7)
+        assert a[m].norm() < c[m].norm()
+    with pytest.raises(ValueError, match="lambda-scale"):
+        METHODS["malmen"].build(model, tok, str(trained_editors["malmen"]), {"lambda_scale": 0.0})

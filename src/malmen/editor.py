@@ -42,6 +42,7 @@ class EditorConfig:
     lm_batch_size: int = 32                             # facts per LM micro-batch
     hyper_batch_size: int = 4096                        # tokens per hyper-network chunk
     keys: str = "answer"                                # where keys are read: answer, first or subject (adapters)
+    lambda_scale: float = 1.0                           # edit-time factor on the learned regularisers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,11 +249,17 @@ class MalmenEditor:
             for chunk in self.chunks(keys, grads):
                 aggregator.accumulate(chunk)
 
+    def lambdas(self) -> dict[str, torch.Tensor]:
+        """Each module's regulariser of the normal equation: the learned lambda times
+        ``config.lambda_scale`` (above 1 the shifts move unrelated keys less, below 1 they write
+        the facts harder; the scale is a user's choice at edit time, trained as it is saved)."""
+        return {name: self.hypernet.lam(name) * self.config.lambda_scale for name in self.modules}
+
     def solve(self, aggregator):
         """The solution (``.shifts``: each module's shift) of the accumulated statistics, with the
-        learned lambdas."""
+        regularisers of ``lambdas``."""
         with torch.no_grad():
-            return aggregator.solve({name: self.hypernet.lam(name) for name in self.modules})
+            return aggregator.solve(self.lambdas())
 
     def shifts(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
         """The shift of every edited module for all ``facts`` (streamed; memory flat in their number
@@ -354,5 +361,11 @@ class MalmenEditor:
 
 
 def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, method) -> MalmenEditor:
-    """The factory of the 'malmen' and 'mend' methods (methods.py): a trained editor, loaded."""
-    return MalmenEditor.from_pretrained(editor, model, tokenizer)
+    """The factory of the 'malmen' and 'mend' methods (methods.py): a trained editor, loaded, with
+    the method's options (``lambda_scale``) applied."""
+    loaded = MalmenEditor.from_pretrained(editor, model, tokenizer)
+    if "lambda_scale" in options:
+        if options["lambda_scale"] <= 0:
+            raise ValueError(f"--lambda-scale must be positive, not {options['lambda_scale']}")
+        loaded.config.lambda_scale = options["lambda_scale"]
+    return loaded

@@ -116,7 +116,9 @@ LOCATE_OPTIONS = (
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts "
            "(per layer, or jointly over the layers for an editor trained with --method joint)",
-           trained=True, aggregations=("malmen", "joint")),
+           trained=True, aggregations=("malmen", "joint"),
+           options=(Option("--lambda-scale", float, 1.0, "malmen: multiply the editor's learned regularisers by this "
+                           "(above 1: unrelated inputs move less; below 1: the facts are written harder)"),)),
     Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
            trained=True, aggregations=("sum",)),
     Method("ft", "baselines.ft:from_method", "fine-tune the edited layers on the facts (Adam)", options=FT_OPTIONS),

@@ -209,11 +209,12 @@ class Trainer:
     def backward_through_solve(self, solution, G: dict, keys: dict, grads: dict) -> None:
         """Step 4: M = (A + lambda I)^-1 G per module (solver.py), then the hyper-network's gradient
         chunk by chunk of cached tokens (its graph never meets the LM's)."""
-        ed, hn = self.editor, self.editor.hypernet
+        ed = self.editor
         self.optimizer.zero_grad(set_to_none=True)
         adjoint = solution.backward(G)
         if distributed.is_main():  # the same on every process: counted once when the gradients are added
-            sum(hn.lam(name) * adjoint.dlam[name].detach() for name in ed.modules).backward()
+            lams = ed.lambdas()
+            sum(lams[name] * adjoint.dlam[name].detach() for name in ed.modules).backward()
         for chunk in ed.chunks(keys, grads):
             adjoint.surrogate(chunk).backward()
 
