@@ -237,7 +237,7 @@ def make_patch(editor, facts: Iterable[Fact], dtype: str = "fp16", store_keys: b
         "editor": {"fingerprint": editor_fingerprint(editor), "aggregation": editor.config.aggregation,
                    "keys": editor.config.keys, "modules": list(modules),
                    "shapes": {m: list(s) for m, s in shapes.items()},
-                   "lambdas": {m: float(lam.detach()) for m, lam in editor.lambdas().items() if m in modules}},
+                   "lambdas": {m: float(lam.detach()) for m, lam in editor.lambdas().items()}},
         "base_model": base,
         "facts": [{"id": f.uid if f.uid is not None else str(i), "prompt_sha1": sha1(f.prompt),
                    "target_sha1": sha1(f.target), "prompt": f.prompt, "target": f.target,
