@@ -37,6 +37,50 @@ def test_backward_through_solve_matches_autograd():
     assert torch.allclose(eta2.grad, eta_r.grad, rtol=1e-4)
 
 
+def test_dual_form_below_the_key_size_equals_autograd_and_the_primal_form():
+    """Fewer tokens (5) than key dimensions (9): the solver keeps the tokens and solves the dual
+    form; its shift, lambda-gradient and surrogate gradients equal autograd through the dense
+    primal solve, and the folded (primal) sums give the same numbers."""
+    keys, pkeys, pgrads, G = random_problem(n=5, a=9, b=3, seed=4)
+    eta, lam = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    pk, pg, lam_r = (x.clone().requires_grad_() for x in (pkeys, pgrads, lam))
+    D = value_differences(keys, pk, pg, eta)
+    S = torch.linalg.solve(keys.t() @ keys + lam_r * torch.eye(9, dtype=torch.float64), keys.t() @ D)
+    (S * G).sum().backward()
+
+    dual, primal = NormalEquation(9, 3), NormalEquation(9, 3)
+    for agg in (dual, primal):
+        agg.accumulate(Tokens(keys[:2], pkeys[:2], pgrads[:2], eta))
+        agg.accumulate(Tokens(keys[2:], pkeys[2:], pgrads[2:], eta))
+    primal.fold()
+    assert dual.A is None and primal.A is not None
+    solutions = dual.solve(lam), primal.solve(lam)
+    assert type(solutions[0]).__name__ == "DualSolution"
+    for solution in solutions:
+        assert torch.allclose(solution.shift.double(), S.detach(), atol=1e-6)
+        adjoint = solution.backward(G)
+        assert torch.allclose(adjoint.dlam.double(), lam_r.grad, rtol=1e-4)
+        pk2, pg2 = pkeys.float().requires_grad_(), pgrads.float().requires_grad_()
+        adjoint.surrogate(Tokens(keys, pk2, pg2, eta.float())).backward()
+        assert torch.allclose(pk2.grad.double(), pk.grad, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(pg2.grad.double(), pg.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_solver_folds_into_sums_past_the_key_size_and_for_statistics():
+    keys, pkeys, pgrads, _ = random_problem(n=12, a=6, b=2, seed=5)
+    eta = torch.tensor(0.5, dtype=torch.float64)
+    agg = NormalEquation(6, 2)
+    agg.accumulate(Tokens(keys[:6], pkeys[:6], pgrads[:6], eta))
+    assert agg.A is None  # 6 tokens, 6 key dimensions: still the tokens
+    agg.accumulate(Tokens(keys[6:], pkeys[6:], pgrads[6:], eta))
+    assert agg.A is not None and agg.keys == []
+    assert torch.allclose(agg.A, keys.t() @ keys) and agg.tokens == 12
+    few = NormalEquation(6, 2)
+    few.accumulate(Tokens(keys[:3], pkeys[:3], pgrads[:3], eta))
+    stats = few.statistics()  # sums asked for (to add over processes, to save): folded
+    assert torch.allclose(stats["A"], keys[:3].t() @ keys[:3])
+
+
 def test_sum_aggregation_backward_matches_autograd():
     keys, pkeys, pgrads, G = random_problem(seed=1)
     eta = torch.tensor(0.5, dtype=torch.float64)

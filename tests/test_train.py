@@ -8,7 +8,6 @@ from malmen.editor import EditorConfig, MalmenEditor, finetune_loss, trace
 from malmen.evaluate import evaluate
 from malmen.hypernet import HyperConfig
 from malmen.solver import value_differences
-from malmen.editor import per_fact_sum
 from malmen.train import TrainConfig, Trainer
 
 
@@ -48,7 +47,7 @@ def reference_meta_loss(trainer, facts, step):
     n = len(facts)
     l_gen = finetune_loss(logits(gen), gen) / n
     kl = (before.exp() * (before - torch.log_softmax(logits(loc), -1))).sum(-1)
-    l_loc = per_fact_sum(kl, loc.mask) / n
+    l_loc = loc.per_fact_sum(kl) / n
     for name, p in model.named_parameters():
         assert torch.equal(p, original[name])
     return l_gen + trainer.config.c_loc * l_loc

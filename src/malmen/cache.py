@@ -2,8 +2,8 @@
 
 They are needed twice: for the shifts, and again for the backward through the solve and the
 hyper-network.  At n facts per step they take n x tokens x (a + b) numbers per edited module,
-the largest memory of a step.  ``StepCache`` stores them in fp32 or bf16 (the hyper-network and
-the solver upcast every chunk to fp32), and above a budget spills them to memory-mapped files in
+the largest memory of a step.  ``StepCache`` stores them in fp32 or bf16, never wider than traced
+(the hyper-network and the solver upcast every chunk to fp32), and above a budget spills them to memory-mapped files in
 a temporary directory that is removed when the step ends.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # numpy has no bf16: its bits travel as int16
-_NUMPY = {torch.float32: (np.float32, torch.float32), torch.bfloat16: (np.int16, torch.int16)}
+_NUMPY = {torch.float32: (np.float32, torch.float32), torch.bfloat16: (np.int16, torch.int16),
+          torch.float16: (np.float16, torch.float16)}
 
 
 class StepCache:
@@ -34,7 +35,7 @@ class StepCache:
 
     def put(self, *groups: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], ...]:
         """The same dicts of tensors (keys by module, gradients by module, ...), stored."""
-        out = tuple({k: v.detach().to(self.dtype) for k, v in g.items()} for g in groups)
+        out = tuple({k: self._stored(v.detach()) for k, v in g.items()} for g in groups)
         size_mb = sum(v.numel() * v.element_size() for g in out for v in g.values()) / 2**20
         if self.budget_mb is None or size_mb <= self.budget_mb:
             return out
@@ -43,12 +44,17 @@ class StepCache:
         self.spilled_mb += size_mb
         return tuple({k: self._spill(v) for k, v in g.items()} for g in out)
 
+    def _stored(self, value: torch.Tensor) -> torch.Tensor:
+        """In the cache's dtype, never wider than traced: a half-precision model's keys stay as
+        they are (fp32 would double their memory and add nothing)."""
+        return value if value.element_size() < self.dtype.itemsize else value.to(self.dtype)
+
     def _spill(self, value: torch.Tensor) -> torch.Tensor:
-        np_dtype, bits = _NUMPY[self.dtype]
+        np_dtype, bits = _NUMPY[value.dtype]
         self._files += 1
         array = np.memmap(self._tmp / f"{self._files}.bin", dtype=np_dtype, mode="w+", shape=tuple(value.shape))
         array[...] = value.cpu().contiguous().view(bits).numpy()
-        return torch.from_numpy(array).view(self.dtype)
+        return torch.from_numpy(array).view(value.dtype)
 
     def close(self) -> None:
         if self._tmp is not None:

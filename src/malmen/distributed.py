@@ -67,6 +67,13 @@ def all_reduce(tensors: Iterable[torch.Tensor]) -> None:
         dist.all_reduce(t)
 
 
+def all_reduce_statistics(aggregator) -> None:
+    """Sum an aggregator's sufficient statistics (solver.py) over the processes.  Asked for only
+    here: asking turns a normal equation that still holds its tokens into sums."""
+    if active():
+        all_reduce(aggregator.statistics().values())
+
+
 def all_reduce_grads(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Sum the gradients over the processes (a parameter without one takes zeros, so that every
     process sends the same tensors)."""

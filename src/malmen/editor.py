@@ -25,6 +25,7 @@ from .facts import Fact, distinct
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .adapters import Adapter, Batch, adapter_for
 from .models import model_identity, same_weights, weight_sample
+from .precision import PRECISIONS
 from .solver import AGGREGATIONS, Tokens
 from .tracing import KeyGradTrace
 
@@ -43,6 +44,7 @@ class EditorConfig:
     hyper_batch_size: int = 4096                        # tokens per hyper-network chunk
     keys: str = "answer"                                # where keys are read: answer, first or subject (adapters)
     lambda_scale: float = 1.0                           # edit-time factor on the learned regularisers
+    hyper_precision: str = "tf32"                       # the hyper-network's products: fp32, tf32 (CUDA) or bf16
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,26 +58,19 @@ class EditorConfig:
 
 # ---------------------------------------------------------------- tracing facts
 
-def per_fact_sum(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over facts (rows of ``mask``) of the mean of each fact's values at its answer tokens."""
-    counts = mask.sum(1)
-    weights = (1.0 / counts.clamp_min(1)).repeat_interleave(counts)
-    return (token_values * weights).sum()
-
-
 def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Sum over facts of each fact's mean cross-entropy on its answer tokens.
 
     Per-fact means make a fact's value-gradient independent of the batch it is traced in.
     """
-    token_loss = nn.functional.cross_entropy(logits, batch.targets[batch.mask], reduction="none")
-    return per_fact_sum(token_loss, batch.mask)
+    token_loss = nn.functional.cross_entropy(logits, batch.answer_targets(), reduction="none")
+    return batch.per_fact_sum(token_loss)
 
 
 def trace(adapter: Adapter, modules: Sequence[str], batch: Batch, where: str = "answer") -> tuple[dict, dict]:
     """Keys and value-gradients of one teacher-forced batch, at the key positions ``where``
     (``Adapter.key_masks``: every answer token by default)."""
-    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, adapter.key_masks(batch, modules, where)) as t:
+    with torch.enable_grad(), KeyGradTrace(adapter.model, modules, adapter.key_rows(batch, modules, where)) as t:
         loss = finetune_loss(adapter.answer_logits(batch), batch)
         loss.backward()
     return t.keys, t.grads
@@ -107,6 +102,29 @@ def fact_batches(adapter: Adapter, facts: Iterable[Fact], size: int, where: str 
     for group in bucketed(facts, size, lambda f: len(prompt(f)) + len(f.target)):
         subjects = [f.subject for f in group] if where == "subject" else None
         yield adapter.batch([prompt(f) for f in group], [f.target for f in group], subjects), group
+
+
+class TokenBuffer:
+    """Traced micro-batches gathered until the hyper-network has a full chunk to work on: a few
+    large products instead of many small ones (on a GPU, the host's launches are the bottleneck)."""
+
+    def __init__(self, modules: Sequence[str]):
+        self.modules = list(modules)
+        self.keys: dict[str, list] = {m: [] for m in self.modules}
+        self.grads: dict[str, list] = {m: [] for m in self.modules}
+        self.tokens = 0
+
+    def add(self, keys: dict, grads: dict) -> None:
+        for m in self.modules:
+            self.keys[m].append(keys[m])
+            self.grads[m].append(grads[m])
+        self.tokens += max(keys[m].shape[0] for m in self.modules)
+
+    def take(self) -> tuple[dict, dict]:
+        """Everything gathered (keys, value-gradients by module), and an empty buffer."""
+        out = ({m: torch.cat(v) for m, v in self.keys.items()}, {m: torch.cat(v) for m, v in self.grads.items()})
+        self.__init__(self.modules)
+        return out
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -200,6 +218,8 @@ class MalmenEditor:
         shapes = shapes_of(model, self.config.modules)
         if self.config.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.config.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        if self.config.hyper_precision not in PRECISIONS:
+            raise ValueError(f"hyper_precision must be one of {', '.join(PRECISIONS)}, not {self.config.hyper_precision!r}")
         if self.config.keys not in self.adapter.key_positions:
             raise ValueError(f"{type(self.adapter).__name__} reads keys at {', '.join(self.adapter.key_positions)}, "
                              f"not {self.config.keys!r}")
@@ -239,7 +259,7 @@ class MalmenEditor:
                 if s.start >= counts[name]:
                     continue  # modules may see fewer tokens (a T5 decoder layer against its encoder)
                 ks, gs = keys[name][s].to(device), grads[name][s].to(device)  # cached keys may be on disk
-                pk, pg = self.hypernet(name, ks, gs)
+                pk, pg = self.hypernet(name, ks, gs, self.config.hyper_precision)
                 chunk[name] = Tokens(ks, pk, pg, self.hypernet.eta(name))
             yield chunk
 
@@ -269,15 +289,19 @@ class MalmenEditor:
         over the processes, rank 0 solves and the shifts are broadcast (distributed.py)."""
         aggregator = self.new_aggregator()
         seen = 0
+        pending = TokenBuffer(self.modules)
         for batch in self.batches(distributed.shard(distinct(facts))):
-            keys, grads = trace(self.adapter, self.modules, batch, self.config.keys)
-            self.accumulate(aggregator, keys, grads)
+            pending.add(*trace(self.adapter, self.modules, batch, self.config.keys))
+            if pending.tokens >= self.config.hyper_batch_size:
+                self.accumulate(aggregator, *pending.take())
             seen += len(batch)
             if progress:
                 progress(len(batch))
+        if pending.tokens:
+            self.accumulate(aggregator, *pending.take())
         if distributed.total(seen, self.adapter.device) == 0:
             raise ValueError("no facts to edit")
-        distributed.all_reduce(aggregator.statistics().values())
+        distributed.all_reduce_statistics(aggregator)
         if distributed.is_main():
             shifts = self.solve(aggregator).shifts
         else:

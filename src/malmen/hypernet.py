@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .precision import matmul
+
 
 @dataclass
 class HyperConfig:
@@ -46,18 +48,20 @@ class Normaliser(nn.Module):
         self.merge(x.shape[0], x.mean(0), x.var(0, unbiased=False))
 
     @torch.no_grad()
-    def merge(self, n: float, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
-        """Merge the moments of a batch of ``n`` rows (gathered from several chunks or processes)."""
-        if n == 0:
-            return
+    def merge(self, n: float | torch.Tensor, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> None:
+        """Merge the moments of a batch of ``n`` rows (gathered from several chunks or processes).
+        ``n`` may be a tensor on the device: nothing here waits for it (n = 0 changes nothing)."""
+        n = torch.as_tensor(n, dtype=torch.float64, device=self.count.device)
         batch_mean, batch_var = batch_mean.float(), batch_var.float()
         total = self.count + n
+        w = (n / total.clamp_min(1)).float()             # the batch's share of the rows
+        c = (self.count / total.clamp_min(1)).float()    # the earlier rows' share
         delta = batch_mean - self.mean
-        w = float(n / total)
-        m2 = self.var * float(self.count / total) + batch_var * w + delta.pow(2) * w * float(self.count / total)
-        self.mean.add_(delta * w)
-        self.var.copy_(m2)
-        self.count.fill_(total)
+        var = self.var * c + batch_var * w + delta.pow(2) * w * c
+        empty = n == 0
+        self.mean.copy_(torch.where(empty, self.mean, self.mean + delta * w))
+        self.var.copy_(torch.where(empty, self.var, var))
+        self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         std = self.var.sqrt()
@@ -82,8 +86,9 @@ class Block(nn.Module):
         self.scale = nn.Parameter(torch.ones(n_modules, size))
         self.shift = nn.Parameter(torch.zeros(n_modules, size))
 
-    def forward(self, y: torch.Tensor, index: int) -> torch.Tensor:
-        return (y @ self.U @ self.V + self.c).clamp(min=0) * self.scale[index] + self.shift[index] + y
+    def forward(self, y: torch.Tensor, index: int, precision: str = "fp32") -> torch.Tensor:
+        low = matmul(matmul(y, self.U, precision), self.V, precision)
+        return (low + self.c).clamp(min=0) * self.scale[index] + self.shift[index] + y
 
 
 class ShapeNet(nn.Module):
@@ -95,10 +100,11 @@ class ShapeNet(nn.Module):
         self.normaliser = Normaliser(a + b)
         self.blocks = nn.ModuleList(Block(a + b, min(config.rank, a + b), n_modules) for _ in range(config.n_blocks))
 
-    def forward(self, keys: torch.Tensor, grads: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, keys: torch.Tensor, grads: torch.Tensor, index: int,
+                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
         y = self.normaliser(torch.cat([keys.float(), grads.float()], -1))
         for block in self.blocks:
-            y = block(y, index)
+            y = block(y, index, precision)
         return y[..., : self.a], y[..., self.a :]
 
 
@@ -136,10 +142,12 @@ class HyperNetwork(nn.Module):
     def normaliser(self, name: str) -> Normaliser:
         return self.nets[self.index[name][0]].normaliser
 
-    def forward(self, name: str, keys: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pseudo keys and pseudo value-gradients for the answer tokens of module ``name``."""
+    def forward(self, name: str, keys: torch.Tensor, grads: torch.Tensor,
+                precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo keys and pseudo value-gradients for the answer tokens of module ``name``; the
+        low-rank products in ``precision`` (precision.py: 'fp32', 'tf32' or 'bf16')."""
         key, index = self.index[name]
-        return self.nets[key](keys, grads, index)
+        return self.nets[key](keys, grads, index, precision)
 
     def scalar_parameters(self) -> list[nn.Parameter]:
         return [self.log_eta, self.log_lambda]

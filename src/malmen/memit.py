@@ -29,7 +29,7 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for
 from .adapters.base import hidden_size, mlp_output
-from .editor import EditHandle, finetune_loss, micro_batches, per_fact_sum
+from .editor import EditHandle, finetune_loss, micro_batches
 from .facts import Fact, distinct
 from .keystats import Corpus, key_moments
 from .replay import TrunkCache
@@ -179,7 +179,7 @@ class MemitEditor:
                     state["delta"], state["pos"] = delta, self._positions(essence)
                     with trunk.step():
                         logp = torch.log_softmax(adapter.answer_logits(essence), -1)
-                    kl = per_fact_sum((reference.exp() * (reference - logp)).sum(-1), essence.mask)
+                    kl = essence.per_fact_sum((reference.exp() * (reference - logp)).sum(-1))
                     state["pos"] = self._positions(main)
                     with trunk.step():
                         nll = finetune_loss(adapter.answer_logits(main), main)

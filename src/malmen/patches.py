@@ -167,16 +167,11 @@ class Patch:
         owner = self.tensors["tokens/fact"]
         keep = torch.ones_like(owner, dtype=torch.bool) if not skip else ~torch.isin(owner, torch.tensor(sorted(skip)))
         rows = keep.nonzero().flatten()
-        device = aggregator_device(aggregator)
+        device = aggregator.device
         for start in range(0, len(rows), chunk):
             r = rows[start:start + chunk]
             aggregator.accumulate({m: Tokens(self.tensors[f"tokens/{m}/keys"][r].to(device),
                                              d=self.tensors[f"tokens/{m}/d"][r].to(device)) for m in modules})
-
-
-def aggregator_device(aggregator) -> torch.device:
-    tensor = next(iter(aggregator.statistics().values()))
-    return tensor.device
 
 
 # ---------------------------------------------------------------- making a patch

@@ -3,8 +3,9 @@
 MALMEN (DESIGN.md section 2.4) solves, for each edited module,
     min_S sum_j |S^T k_j - d_j|^2 + lambda |S|^2,      S* = (K^T K + lambda I)^-1 K^T D,
 from the sufficient statistics A = K^T K and B = K^T D, accumulated chunk by chunk so that memory
-does not grow with the number of facts.  One Cholesky factor of A + lambda I serves the forward
-solve and the backward pass (DESIGN.md section 3.4).  MEND's sum aggregation
+does not grow with the number of facts; while there are fewer tokens than key dimensions, from
+the tokens themselves in the dual form S* = K^T (K K^T + lambda I)^-1 D, which is cheaper then.
+One Cholesky factor serves the forward solve and the backward pass (DESIGN.md section 3.4).  MEND's sum aggregation
 S = -eta sum_j k~_j g~_j^T is the baseline.  The joint solve treats the edited modules that
 write into the same space (the MLP outputs of several blocks, which all add to the residual
 stream) as one linear map of the concatenated keys: sum_l S_l^T k_jl ~ sum_l d_jl, with the key
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+
+from .precision import exact_product
 
 
 @dataclass
@@ -70,26 +73,70 @@ def cholesky(matrix: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- one module at a time
 
 class NormalEquation:
-    """MALMEN's least-squares aggregation for one module, over streaming sufficient statistics."""
+    """MALMEN's least-squares aggregation for one module, in whichever of two equal forms is cheaper.
+
+    While it has seen no more tokens than the key size a, it keeps the tokens (K, D) and solves the
+    dual (kernel) form S* = K^T (K K^T + lambda I)^-1 D: a system of the tokens' size, not a x a
+    (an edit of a thousand facts in a 16,384-wide GPT-J layer: some 3,000 unknowns per column, not
+    16,384).  Past a tokens it folds them into the fp64 sums A = K^T K and B = K^T D and goes on
+    streaming, so memory never grows beyond the sums.  Both forms give the same S* and the same
+    backward (test_solver.py).  ``statistics`` always answers with the sums (folding first)."""
 
     def __init__(self, a: int, b: int, device: torch.device | str = "cpu"):
-        # fp64 accumulators: sums over millions of tokens stay exact enough; chunks are fp32.
-        self.A = torch.zeros(a, a, dtype=torch.float64, device=device)
-        self.B = torch.zeros(a, b, dtype=torch.float64, device=device)
+        self.a, self.b, self.device = a, b, device
+        self.keys: list[torch.Tensor] = []    # dual form: the tokens' keys, as traced ...
+        self.diffs: list[torch.Tensor] = []   # ... and their value differences, fp32
+        self.A: torch.Tensor | None = None    # primal form: fp64 sums (None while dual)
+        self.B: torch.Tensor | None = None
         self.tokens = 0
 
     def accumulate(self, t: Tokens) -> None:
-        keys = t.keys.float()
-        self.A += (keys.t() @ keys).double()
-        self.B += (keys.t() @ t.differences().float()).double()
-        self.tokens += keys.shape[0]
+        d = t.differences().float()
+        self.tokens += t.keys.shape[0]
+        if self.A is None and self.tokens <= self.a:
+            self.keys.append(t.keys)
+            self.diffs.append(d)
+            return
+        self.fold()
+        self._add(t.keys, d)
+
+    def _add(self, keys: torch.Tensor, d: torch.Tensor) -> None:
+        # fp32 products (exact terms for half-precision keys), added into fp64 without an fp64 copy
+        self.A.add_(exact_product(keys.t(), keys))
+        self.B.add_(keys.float().t() @ d)
+
+    def fold(self) -> None:
+        """Turn the kept tokens into the sums (the primal form); nothing to do once there."""
+        if self.A is not None:
+            return
+        self.A = torch.zeros(self.a, self.a, dtype=torch.float64, device=self.device)
+        self.B = torch.zeros(self.a, self.b, dtype=torch.float64, device=self.device)
+        if self.keys:
+            self._add(torch.cat(self.keys), torch.cat(self.diffs))
+        self.keys, self.diffs = [], []
 
     def statistics(self) -> dict[str, torch.Tensor]:
+        self.fold()
         return {"A": self.A, "B": self.B}
 
-    def solve(self, lam: torch.Tensor | float) -> "NormalSolution":
-        eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
-        factor = cholesky(self.A + float(lam) * eye)
+    def sums_nbytes(self) -> int:
+        """Memory of the fp64 sums (the primal form: the most this aggregation ever holds)."""
+        return 8 * self.a * (self.a + self.b)
+
+    def solve(self, lam: torch.Tensor | float) -> "NormalSolution | DualSolution":
+        if self.A is None and not self.keys:
+            self.fold()  # no tokens: the sums are zero and S* = 0
+        if self.A is None:
+            K, D = torch.cat(self.keys).double(), torch.cat(self.diffs).double()
+            lam = torch.as_tensor(lam, dtype=torch.float64, device=K.device)
+            gram = K @ K.t()
+            gram.diagonal().add_(lam)
+            factor = cholesky(gram)
+            return DualSolution(K.t() @ torch.cholesky_solve(D, factor), K, factor, lam)
+        matrix = self.A.clone()
+        matrix.diagonal().add_(torch.as_tensor(lam, dtype=torch.float64, device=matrix.device))
+        factor = cholesky(matrix)
+        del matrix
         return NormalSolution(torch.cholesky_solve(self.B, factor), factor)
 
 
@@ -105,6 +152,25 @@ class NormalSolution:
     def backward(self, grad_shift: torch.Tensor) -> "NormalAdjoint":
         """Given G = dL/dS*: M = (A + lambda I)^-1 G and dL/dlambda = -<M, S*>."""
         M = torch.cholesky_solve(grad_shift.double(), self.factor)
+        return NormalAdjoint(M.float(), -(M * self.shift64).sum().float())
+
+
+@dataclass
+class DualSolution:
+    shift64: torch.Tensor   # S* = K^T (K K^T + lambda I)^-1 D, fp64
+    K: torch.Tensor         # the tokens' keys, fp64
+    factor: torch.Tensor    # Cholesky factor of K K^T + lambda I
+    lam: torch.Tensor
+
+    @property
+    def shift(self) -> torch.Tensor:
+        return self.shift64.float()
+
+    def backward(self, grad_shift: torch.Tensor) -> "NormalAdjoint":
+        """The primal backward without A: (A + lambda I)^-1 = (I - K^T (K K^T + lambda I)^-1 K) / lambda,
+        so M = (G - K^T (K K^T + lambda I)^-1 K G) / lambda."""
+        G = grad_shift.double()
+        M = (G - self.K.t() @ torch.cholesky_solve(self.K @ G, self.factor)) / self.lam
         return NormalAdjoint(M.float(), -(M * self.shift64).sum().float())
 
 
@@ -126,11 +192,14 @@ class SumAggregation:
         self.tokens = 0
 
     def accumulate(self, t: Tokens) -> None:
-        self.B += (t.pkeys.float().t() @ (-t.eta.float() * t.pgrads.float())).double()
+        self.B.add_(t.pkeys.float().t() @ (-t.eta.float() * t.pgrads.float()))
         self.tokens += t.keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"B": self.B}
+
+    def sums_nbytes(self) -> int:
+        return self.B.numel() * self.B.element_size()
 
     def solve(self, lam=None) -> "SumSolution":
         return SumSolution(self.B.float())
@@ -157,13 +226,12 @@ class PerModule:
     """Each module aggregated on its own (``cls``: NormalEquation or SumAggregation)."""
 
     def __init__(self, cls, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self.parts = {name: cls(a, b, device) for name, (a, b) in shapes.items()}
 
-    @property
-    def nbytes(self) -> int:
-        """Memory of the sums."""
-        return sum(t.numel() * t.element_size() for p in self.parts.values() for t in vars(p).values()
-                   if isinstance(t, torch.Tensor))
+    def sums_nbytes(self) -> int:
+        """Memory of the fp64 sums of every module."""
+        return sum(part.sums_nbytes() for part in self.parts.values())
 
     def accumulate(self, chunk: Mapping[str, Tokens]) -> None:
         for name, tokens in chunk.items():
@@ -176,7 +244,8 @@ class PerModule:
     def add_statistics(self, stats: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
         for key, value in stats.items():
             name, _, which = key.rpartition("/")
-            getattr(self.parts[name], which).add_(value.to(getattr(self.parts[name], which)), alpha=sign)
+            target = self.parts[name].statistics()[which]  # the live sums (a normal equation folds first)
+            target.add_(value.to(target), alpha=sign)
 
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "PerModuleSolution":
         return PerModuleSolution({name: part.solve(lams[name]) for name, part in self.parts.items()})
@@ -221,6 +290,7 @@ class JointNormalEquation:
         values = {b for _, b in shapes.values()}
         if len(values) != 1:
             raise ValueError(f"a joint solve needs modules of one output size, got {sorted(values)}")
+        self.device = torch.device(device)
         self.names = list(shapes)
         self.sizes = [shapes[n][0] for n in self.names]
         total, b = sum(self.sizes), values.pop()
@@ -228,9 +298,8 @@ class JointNormalEquation:
         self.B = torch.zeros(total, b, dtype=torch.float64, device=device)
         self.tokens = 0
 
-    @property
-    def nbytes(self) -> int:
-        """Memory of the sums."""
+    def sums_nbytes(self) -> int:
+        """Memory of the fp64 sums."""
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
     def stacked(self, chunk: Mapping[str, Tokens]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,13 +307,13 @@ class JointNormalEquation:
         counts = {t.keys.shape[0] for t in chunk.values()}
         if len(counts) != 1 or set(chunk) != set(self.names):
             raise ValueError("a joint solve needs the same tokens for every edited module")
-        keys = torch.cat([chunk[n].keys.float() for n in self.names], -1)
+        keys = torch.cat([chunk[n].keys for n in self.names], -1)
         return keys, sum(chunk[n].differences() for n in self.names)
 
     def accumulate(self, chunk: Mapping[str, Tokens]) -> None:
         keys, d = self.stacked(chunk)
-        self.A += (keys.t() @ keys).double()
-        self.B += (keys.t() @ d.float()).double()
+        self.A.add_(exact_product(keys.t(), keys))
+        self.B.add_(keys.float().t() @ d.float())
         self.tokens += keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:
@@ -255,9 +324,12 @@ class JointNormalEquation:
         self.B.add_(stats["joint/B"].to(self.B), alpha=sign)
 
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "JointSolution":
-        diagonal = torch.cat([torch.full((a,), float(lams[n]), dtype=self.A.dtype, device=self.A.device)
+        diagonal = torch.cat([torch.as_tensor(lams[n], dtype=self.A.dtype, device=self.A.device).expand(a)
                               for n, a in zip(self.names, self.sizes)])
-        factor = cholesky(self.A + torch.diag(diagonal))
+        matrix = self.A.clone()
+        matrix.diagonal().add_(diagonal)
+        factor = cholesky(matrix)
+        del matrix
         return JointSolution(self, torch.cholesky_solve(self.B, factor), factor)
 
 
@@ -291,7 +363,7 @@ class JointAdjoint:
     def surrogate(self, chunk: Mapping[str, Tokens]) -> torch.Tensor:
         """sum_j <M^T k^_j, sum_l d_jl>: dL/dd_jl = M^T k^_j for every module l."""
         keys, d = self.owner.stacked(chunk)
-        return ((keys @ self.M) * d).sum()
+        return ((keys.float() @ self.M) * d).sum()
 
 
 def _per_module(cls):

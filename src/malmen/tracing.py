@@ -40,9 +40,9 @@ def frozen(module: nn.Module) -> Iterator[None]:
 class KeyGradTrace:
     """Context manager hooking named layers; keeps inputs and output-gradients at ``mask``.
 
-    ``mask`` is a boolean (batch x seq) tensor selecting the positions to record, a dict giving one
-    such mask per layer name (an encoder layer and a decoder layer see different sequences), or
-    None for all positions.
+    ``mask`` is a boolean (batch x seq) tensor selecting the positions to record, or an integer
+    tensor of their flat (row-major) indices; a dict giving one such mask per layer name (an
+    encoder layer and a decoder layer see different sequences); or None for all positions.
     ``keep_keys=False`` skips storing keys (and ``keep_grads=False`` skips the backward hook).
     """
 
@@ -58,10 +58,11 @@ class KeyGradTrace:
 
     def _rows(self, name: str) -> torch.Tensor | None:
         """The flat row indices of ``mask``, found once per mask: selecting by index needs no
-        synchronisation with a GPU, where a boolean mask would need one per layer and direction."""
+        synchronisation with a GPU, where a boolean mask would need one per layer and direction
+        (indices given by the caller need none at all)."""
         mask = self.mask.get(name) if isinstance(self.mask, dict) else self.mask
-        if mask is None:
-            return None
+        if mask is None or mask.dtype != torch.bool:
+            return mask
         key = id(mask)
         if key not in self._indices:
             self._indices[key] = mask.reshape(-1).nonzero().squeeze(1)

@@ -25,9 +25,10 @@ from torch import nn
 
 from . import distributed, io
 from .cache import StepCache
-from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, per_fact_sum, trace
+from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, trace
 from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
+from .precision import exact_product
 from .timing import timed
 from .tracing import KeyGradTrace
 
@@ -115,7 +116,7 @@ class Trainer:
                 self.calibrate(facts, keys, grads, n)
             aggregator = self.editor.new_aggregator()
             self.editor.accumulate(aggregator, keys, grads)
-            distributed.all_reduce(aggregator.statistics().values())
+            distributed.all_reduce_statistics(aggregator)
             solution = self.editor.solve(aggregator)  # on every process: each needs it for the backward
             G, stats = self.shift_gradients(facts, step, solution.shifts, n)
             distributed.all_reduce(G.values())
@@ -150,9 +151,8 @@ class Trainer:
                 moments[2] += x.pow(2).sum(0)
             distributed.all_reduce(moments)
             count, total, squares = moments
-            if count > 0:
-                mean = total / count
-                hn.normaliser(name).merge(float(count), mean, (squares / count - mean.pow(2)).clamp_min(0))
+            mean = total / count.clamp_min(1)  # tensors throughout: no host round-trip per module
+            hn.normaliser(name).merge(count, mean, (squares / count.clamp_min(1) - mean.pow(2)).clamp_min(0))
         return keys, grads
 
     def shift_gradients(self, facts: list[Fact], step: int, shifts: dict[str, torch.Tensor],
@@ -183,7 +183,7 @@ class Trainer:
             for kind, group in (("gen", gen_batches), ("loc", loc_batches)):
                 for i, batch in enumerate(group):
                     replayed = self.trunk_replay(batch, trunk if kind == "loc" else None)
-                    with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, adapter.context_masks(batch, modules)) as t:
+                    with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, adapter.context_rows(batch, modules)) as t:
                         logits = adapter.answer_logits(batch)
                         if kind == "gen":
                             loss = finetune_loss(logits, batch) / n
@@ -191,12 +191,12 @@ class Trainer:
                         else:
                             logp = torch.log_softmax(logits, -1)
                             kl = (before[i].exp() * (before[i] - logp)).sum(-1)
-                            fact_kl = per_fact_sum(kl, batch.mask) / n
+                            fact_kl = batch.per_fact_sum(kl) / n
                             loss = cfg.c_loc * fact_kl
                             loc_loss = loc_loss + fact_kl.detach()
                         loss.backward()
-                    for name in modules:
-                        G[name] += t.keys[name].float().t() @ t.grads[name].float()
+                    for name in modules:  # exact terms on tensor cores for a half-precision model
+                        G[name] += exact_product(t.keys[name].t(), t.grads[name])
         return G, {"gen_loss": float(gen_loss), "loc_loss": float(loc_loss)}
 
     def trunk_replay(self, batch, trunk=None):
@@ -236,7 +236,7 @@ class Trainer:
             hn.log_eta.fill_(log_eta)
             aggregator = ed.new_aggregator()
             ed.accumulate(aggregator, keys, grads)
-            distributed.all_reduce(aggregator.statistics().values())
+            distributed.all_reduce_statistics(aggregator)
             with EditHandle(ed.adapter.model, ed.solve(aggregator).shifts):
                 loss = edit_loss()
             if math.isfinite(loss) and loss < best[0]:

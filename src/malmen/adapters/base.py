@@ -28,6 +28,11 @@ class Batch:
     ``targets`` is aligned with the sequence whose positions predict the answer (the decoder's in
     a seq2seq model): ``targets[b, t]`` is what position t must predict where that belongs to the
     answer, else IGNORE.  ``mask`` marks those positions, the 'answer positions'.
+
+    ``to(device)`` also works out, on the host and before anything moves, where the answer
+    positions are (``answer_rows``, ``answer_weights``) and where the input is real
+    (``input_rows``): selecting by these indices needs no synchronisation with a GPU, where
+    selecting by a boolean mask stops the host until the GPU catches up, once per selection.
     """
 
     input_ids: torch.Tensor
@@ -36,40 +41,77 @@ class Batch:
     decoder_input_ids: torch.Tensor | None = None
     decoder_attention_mask: torch.Tensor | None = None
     subject_mask: torch.Tensor | None = None   # the last subject token of each prompt (when asked for)
+    answer_rows: torch.Tensor | None = None    # flat (row-major) indices of the answer positions
+    answer_weights: torch.Tensor | None = None  # per answer position: 1 / its fact's answer positions
+    input_rows: torch.Tensor | None = None     # flat indices of the real (attended) input positions
 
     @property
     def mask(self) -> torch.Tensor:
         return self.targets != IGNORE
 
+    def indexed(self) -> "Batch":
+        """This batch with its index fields filled (where they are still missing)."""
+        found = {}
+        if self.answer_rows is None or self.answer_weights is None:
+            mask = self.mask
+            counts = mask.sum(1)
+            found["answer_rows"] = mask.reshape(-1).nonzero().squeeze(1)
+            found["answer_weights"] = (1.0 / counts.clamp_min(1).float()).repeat_interleave(counts)
+        if self.input_rows is None:
+            found["input_rows"] = self.attention_mask.reshape(-1).nonzero().squeeze(1)
+        return dataclasses.replace(self, **found) if found else self
+
     def to(self, device) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Batch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+        """On ``device``, indexed first; from the host through pinned memory, without a
+        synchronisation (a copy from pageable memory waits for the GPU)."""
+        device = torch.device(device)
+        indexed = self.indexed()
+        moved = {f.name: _moved(getattr(indexed, f.name), device) for f in dataclasses.fields(self)}
+        return Batch(**moved)
+
+    def per_fact_sum(self, token_values: torch.Tensor) -> torch.Tensor:
+        """Sum over facts of the mean of each fact's ``token_values`` (one per answer position)."""
+        return (token_values * self.indexed().answer_weights).sum()
+
+    def answer_targets(self) -> torch.Tensor:
+        """The target token of every answer position, in ``answer_rows`` order."""
+        return self.targets.reshape(-1).index_select(0, self.indexed().answer_rows)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
+def _moved(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def pad_rows(rows: Sequence[Sequence[int]], value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad lists of ids into (ids, attention mask)."""
     width = width or max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, :len(row)] = 1
+    ids = torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
     return ids, mask
 
 
 @contextmanager
-def rows_only(head: nn.Module, mask: torch.Tensor) -> Iterator[None]:
-    """Feed ``head`` only the positions of ``mask`` (batch x seq) while the model runs its own forward.
+def rows_only(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Feed ``head`` only the positions ``rows`` (flat indices into batch x seq, ``Batch.answer_rows``)
+    while the model runs its own forward.
 
     The output head is a large share of a small LM's cost, and only the answer positions need
     it.  Everything a model does after its head (Granite's logit scaling, Cohere's logit scale,
     Gemma 2's final soft-capping) is elementwise, so it runs unchanged on the selected rows and
     the logits are exactly the model's own there.
     """
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][mask],) + tuple(args[1:]))
+    def select(module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(select)
     try:
         yield
     finally:
@@ -182,6 +224,15 @@ class Adapter:
     def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor | dict:
         """Every real position of the sequence each module sees (its weight gradient sums over them)."""
         raise NotImplementedError
+
+    def key_rows(self, batch: Batch, names: Sequence[str], where: str = "answer") -> torch.Tensor | dict:
+        """``key_masks`` for ``KeyGradTrace``: as flat row indices where the batch knows them (no GPU
+        synchronisation), else the masks themselves."""
+        return self.key_masks(batch, names, where)
+
+    def context_rows(self, batch: Batch, names: Sequence[str]) -> torch.Tensor | dict:
+        """``context_masks`` for ``KeyGradTrace``, as ``key_rows``."""
+        return self.context_masks(batch, names)
 
     def chat_prompt(self, question: str) -> str | None:
         """``question`` as a user's turn in the tokenizer's chat template, ready for the answer

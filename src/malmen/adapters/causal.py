@@ -59,25 +59,35 @@ class CausalLMAdapter(Adapter):
         the answer when it covers any answer character; otherwise prompt and answer are
         tokenised separately.
         """
-        sep = "" if prompt[-1:].isspace() else " "
-        text = f"{prompt}{sep}{answer}"
-        boundary = len(prompt)
-        end = subject_end(prompt, subject)  # one past the subject's last character, or None
-        tok = self.tokenizer
+        return self.encode_many([prompt], [answer], [subject])[0]
+
+    def encode_many(self, prompts: Sequence[str], answers: Sequence[str],
+                    subjects: Sequence[str | None] | None = None) -> list[tuple[list[int], int, int]]:
+        """``encode`` of many pairs; a fast tokenizer takes them in one call (a host-side cost that
+        a GPU would otherwise wait for)."""
+        subjects = subjects or [None] * len(prompts)
+        seps = ["" if p[-1:].isspace() else " " for p in prompts]
+        ends = [subject_end(p, s) for p, s in zip(prompts, subjects)]  # one past the subject's last character
+        tok, out = self.tokenizer, []
         if getattr(tok, "is_fast", False):
-            enc = tok(text, return_offsets_mapping=True)
-            ids, offsets = enc["input_ids"], enc["offset_mapping"]
-            start = next((i for i, (s, e) in enumerate(offsets) if e > boundary and e > s), len(ids))
-            last = next((i for i, (s, e) in enumerate(offsets) if e >= end and e > s), None) if end else None
+            enc = tok([f"{p}{sep}{a}" for p, sep, a in zip(prompts, seps, answers)], return_offsets_mapping=True)
+            for ids, offsets, prompt, end in zip(enc["input_ids"], enc["offset_mapping"], prompts, ends):
+                boundary = len(prompt)
+                start = next((i for i, (s, e) in enumerate(offsets) if e > boundary and e > s), len(ids))
+                last = next((i for i, (s, e) in enumerate(offsets) if e >= end and e > s), None) if end else None
+                out.append((ids, start, last))
         else:
-            ids = tok(prompt)["input_ids"]
-            start = len(ids)
-            last = len(tok(prompt[:end])["input_ids"]) - 1 if end else None
-            ids = ids + tok(sep + answer, add_special_tokens=False)["input_ids"]
-        start = max(start, 1)  # the first token is always context
-        if last is None or last >= start:
-            last = start - 1
-        return ids, start, last
+            for prompt, sep, answer, end in zip(prompts, seps, answers, ends):
+                ids = tok(prompt)["input_ids"]
+                last = len(tok(prompt[:end])["input_ids"]) - 1 if end else None
+                out.append((ids + tok(sep + answer, add_special_tokens=False)["input_ids"], len(ids), last))
+        result = []
+        for ids, start, last in out:
+            start = max(start, 1)  # the first token is always context
+            if last is None or last >= start:
+                last = start - 1
+            result.append((ids, start, last))
+        return result
 
     def answer_length(self, prompt: str, answer: str) -> int:
         ids, start, _ = self.encode(prompt, answer)
@@ -88,8 +98,7 @@ class CausalLMAdapter(Adapter):
         """Right-padded teacher-forced batch of prompt+answer pairs, truncated from the left;
         with ``subjects``, it also marks each prompt's last subject token."""
         rows, starts, lasts = [], [], []
-        for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-            ids, start, last = self.encode(prompt, answer, subjects[i] if subjects else None)
+        for answer, (ids, start, last) in zip(answers, self.encode_many(prompts, answers, subjects)):
             if len(ids) > self.max_length:
                 cut = len(ids) - self.max_length
                 if cut >= start:
@@ -130,11 +139,17 @@ class CausalLMAdapter(Adapter):
     def context_masks(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
         return batch.attention_mask.bool()
 
+    def key_rows(self, batch: Batch, names: Sequence[str], where: str = "answer") -> torch.Tensor:
+        return batch.indexed().answer_rows if where == "answer" else self.key_masks(batch, names, where)
+
+    def context_rows(self, batch: Batch, names: Sequence[str]) -> torch.Tensor:
+        return batch.indexed().input_rows
+
     # --- forward
     def answer_logits(self, batch: Batch) -> torch.Tensor:
         """The model's own logits at the answer positions, its output processing included; the
         output head runs only there (``rows_only``)."""
-        with rows_only(self.model.get_output_embeddings(), batch.mask):
+        with rows_only(self.model.get_output_embeddings(), batch.indexed().answer_rows):
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return out.logits.float()
 

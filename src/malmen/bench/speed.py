@@ -23,9 +23,9 @@ from ..tracing import KeyGradTrace
 from ..train import TrainConfig, Trainer
 
 
-def _lm_pass(editor: MalmenEditor, batch, masks) -> None:
+def _lm_pass(editor: MalmenEditor, batch, rows) -> None:
     """Forward, then backward to the lowest edited layer; no weight gradients, nothing kept."""
-    with torch.enable_grad(), KeyGradTrace(editor.adapter.model, editor.modules, masks, keep_keys=False):
+    with torch.enable_grad(), KeyGradTrace(editor.adapter.model, editor.modules, rows, keep_keys=False):
         finetune_loss(editor.adapter.answer_logits(batch), batch).sum().backward()
 
 
@@ -42,10 +42,37 @@ def edit_speed(editor: MalmenEditor, facts: Sequence[Fact], repeats: int = 2) ->
         edit_s.append(edit.seconds)
         with timed(device) as limit:
             for batch in batches:
-                _lm_pass(editor, batch, editor.adapter.key_masks(batch, editor.modules, editor.config.keys))
+                _lm_pass(editor, batch, editor.adapter.key_rows(batch, editor.modules, editor.config.keys))
         limit_s.append(limit.seconds)
     edit, limit = len(facts) / min(edit_s), len(facts) / min(limit_s)
     return {"n_facts": len(facts), "edit_facts_per_s": edit, "limit_facts_per_s": limit, "edit_ratio": edit / limit}
+
+
+def precision_error(editor: MalmenEditor, facts: Sequence[Fact], precision: str, seed: int = 0) -> float:
+    """The largest relative difference |S_p - S_fp32| / |S_fp32| over the edited modules of the shifts
+    of ``facts`` with the hyper-network's products in ``precision`` against fp32.
+
+    An untrained network's blocks are the identity (V = 0) and would hide any rounding, so the
+    blocks' V are given random entries of U's scale for the measurement (then restored)."""
+    state = {k: v.clone() for k, v in editor.hypernet.state_dict().items()}
+    before = editor.config.hyper_precision
+    g = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for net in editor.hypernet.nets.values():
+                for block in net.blocks:
+                    if not block.V.any():
+                        scale = float(block.U.float().std())
+                        block.V.copy_(scale * torch.randn(block.V.shape, generator=g).to(block.V))
+        shifts = {}
+        for p in ("fp32", precision):
+            editor.config.hyper_precision = p
+            shifts[p] = editor.shifts(facts)
+        return max(float((shifts[precision][m] - shifts["fp32"][m]).norm() / shifts["fp32"][m].norm())
+                   for m in shifts["fp32"])
+    finally:
+        editor.config.hyper_precision = before
+        editor.hypernet.load_state_dict(state)
 
 
 def step_bound(trainer: Trainer, facts: list[Fact], step: int) -> float:
@@ -61,7 +88,7 @@ def step_bound(trainer: Trainer, facts: list[Fact], step: int) -> float:
     loc = batches([(f.locality_prompt, f.locality_answer) for f in facts])
     with timed(adapter.device) as took:
         for b in edit:
-            _lm_pass(ed, b, adapter.key_masks(b, ed.modules, ed.config.keys))
+            _lm_pass(ed, b, adapter.key_rows(b, ed.modules, ed.config.keys))
         trunk = adapter.trunk(ed.modules)
         with torch.no_grad():
             for b in loc:
@@ -71,7 +98,7 @@ def step_bound(trainer: Trainer, facts: list[Fact], step: int) -> float:
         for kind, group in (("gen", gen), ("loc", loc)):
             for b in group:
                 with trunk.step() if kind == "loc" else contextlib.nullcontext():
-                    _lm_pass(ed, b, adapter.context_masks(b, ed.modules))
+                    _lm_pass(ed, b, adapter.context_rows(b, ed.modules))
     return took.seconds
 
 

@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--rank", type=int, default=256, help="rank of an untrained editor's hyper-network (the paper: 1920)")
     sp.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch of an untrained editor")
     sp.add_argument("--editor", help="editor directory or shipped name (default: an untrained editor)")
+    sp.add_argument("--hyper-precision", default="tf32", choices=["fp32", "tf32", "bf16"],
+                    help="the hyper-network's products (tf32: a GPU's tensor cores; fp32 elsewhere)")
     sp.add_argument("--data", help=DATA_HINT + " (zsRE: validation facts are edited, training facts train; "
                     "default: synthetic facts, bench/synthetic.py)")
     sp.add_argument("--no-split", action="store_true", help="use --data as it is for both (no zsRE split)")
@@ -127,7 +129,7 @@ def per_data(values: list, data: list[str], flag: str) -> list:
 def speed(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.speed import edit_speed, train_speed
+    from ..bench.speed import edit_speed, precision_error, train_speed
     from ..bench.synthetic import synthetic_facts
     from ..editor import EditorConfig, MalmenEditor
     from ..evaluate import peak_rss_mb
@@ -152,12 +154,29 @@ def speed(args: argparse.Namespace) -> int:
     model, tok = load_shape(args) if args.shape else load(args)
     config = EditorConfig(hyper=HyperConfig(rank=args.rank), lm_batch_size=args.lm_batch_size)
     editor = MalmenEditor.from_pretrained(args.editor, model, tok) if args.editor else MalmenEditor(model, tok, config)
+    editor.config.hyper_precision = args.hyper_precision
     device = editor.adapter.device
+
+    def peak_gpu_gib() -> float | None:  # the peak since the last call
+        if device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+
+    peak_gpu_gib()
     result = {"command": command_line(), "model": args.shape and f"random:{args.shape}" or args.model, "editor": args.editor,
               "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "rank": editor.config.hyper.rank, "lm_batch_size": editor.config.lm_batch_size,
-              "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+              "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+              "hyper_precision": editor.config.hyper_precision}
     result.update(edit_speed(editor, edit_facts))
+    result["peak_gpu_gib_edit"] = peak_gpu_gib()
+    if editor.config.hyper_precision != "fp32":
+        result["hyper_precision_error"] = precision_error(editor, edit_facts[:1024], editor.config.hyper_precision)
+        print(f"hyper-network in {editor.config.hyper_precision}: shifts within "
+              f"{result['hyper_precision_error']:.2e} (relative) of fp32's")
+        peak_gpu_gib()
     print(f"edit: {result['edit_facts_per_s']:.1f} facts/s, limit {result['limit_facts_per_s']:.1f} facts/s, "
           f"ratio {result['edit_ratio']:.2f}")
     if args.train_n:
@@ -165,6 +184,7 @@ def speed(args: argparse.Namespace) -> int:
         for n in args.train_n:
             r = train_speed(editor, train, n, args.steps, log=lambda m: print(m, file=sys.stderr),
                             trunk_store=args.trunk_store, trunk_dtype=args.trunk_dtype)
+            r["peak_gpu_gib"] = peak_gpu_gib()
             result["train"].append(r)
             stored = f" (first sight of its prompts: {r['train_step_fill_s']:.2f} s)" if "train_step_fill_s" in r else ""
             print(f"train n={n}: {r['train_step_s']:.2f} s per step{stored}, bound {r['train_step_bound_s']:.2f} s, "
@@ -174,7 +194,7 @@ def speed(args: argparse.Namespace) -> int:
                       train_ratio=first["train_ratio"])
     result["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
-        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_gpu_gib"] = max([result["peak_gpu_gib_edit"]] + [r["peak_gpu_gib"] for r in result.get("train", [])])
     write_result(args.out, result)
     return 0
 

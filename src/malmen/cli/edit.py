@@ -112,7 +112,7 @@ def dry_run(args: argparse.Namespace, editor, checked: Checked) -> int:
     mb = 2.0 ** 20
     model_mb = sum(p.numel() * p.element_size() for p in editor.model.parameters()) / mb
     hyper_mb = sum(p.numel() * p.element_size() for p in editor.hypernet.parameters()) / mb
-    sums_mb = editor.new_aggregator().nbytes / mb  # fp64 KᵀK and KᵀD
+    sums_mb = editor.new_aggregator().sums_nbytes() / mb  # fp64 KᵀK and KᵀD (at most)
     device = editor.adapter.device
     editor.shifts(probe)  # warm-up on the very shapes that are timed
     trace_s, solve_s = [], []

@@ -46,7 +46,11 @@ def add_parser(sub) -> None:
     t.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch")
     t.add_argument("--hyper-batch-size", type=int, default=4096, help="tokens per hyper-network chunk")
     t.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype of the keys and value-gradients a step keeps (the hyper-network and solver run in fp32)")
+                   help="dtype of the keys and value-gradients a step keeps, never wider than traced (the "
+                   "hyper-network and solver read them in fp32)")
+    t.add_argument("--hyper-precision", default="tf32", choices=["fp32", "tf32", "bf16"],
+                   help="the hyper-network's products: tf32 runs them on a GPU's tensor cores (fp32 elsewhere), "
+                   "bf16 rounds their operands (docs/BENCHMARKS.md gives the cost of each)")
     t.add_argument("--cache-budget-mb", type=float, help="spill them to memory-mapped files above this size")
     t.add_argument("--trunk-store", metavar="DIR",
                    help="keep the hidden states entering the lowest edited block here, across steps and runs: a "
@@ -94,13 +98,14 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
             if args.modules and list(args.modules) != editor.modules:
                 editor = editor.transplanted(args.modules, args.eta_factor)
             editor.config.lm_batch_size, editor.config.hyper_batch_size = args.lm_batch_size, args.hyper_batch_size
+            editor.config.hyper_precision = args.hyper_precision
             if args.keys:
                 editor.config.keys = args.keys
         else:
             config = EditorConfig(modules=args.modules or [], aggregation=aggregation or "malmen",
                                   hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
                                   lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size,
-                                  keys=args.keys or "answer")
+                                  keys=args.keys or "answer", hyper_precision=args.hyper_precision)
             editor = MalmenEditor(model, tok, config)
         tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
                          c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
