@@ -110,6 +110,15 @@ def test_bad_facts_are_reported_before_the_model_is_loaded(trained, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_non_positive_lambda_scale_is_refused_before_the_model_is_loaded(trained, tmp_path):
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "a", "target": "b"}\n')
+    r = run_cli("edit", "--model", str(tmp_path / "no-model"), "--editor", str(trained / "best"), "--facts", str(facts),
+                "--lambda-scale", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "argument --lambda-scale: must be positive, not 0" in r.stderr
+    assert "no-model" not in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_unknown_editor_fails_in_under_three_seconds(tmp_path):
     facts = tmp_path / "f.jsonl"
     facts.write_text('{"prompt": "The capital of France is", "target": "Lyon"}\n')

@@ -19,6 +19,7 @@ input (which methods, which editor) without loading torch.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
@@ -32,6 +33,15 @@ class Editor(Protocol):
     def shifts(self, facts: Iterable, progress=None) -> dict: ...
 
     def edit(self, facts: Iterable, progress=None): ...
+
+
+def positive(text: str) -> float:
+    """An option's type that refuses zero and negative numbers when the command line is parsed,
+    before anything is loaded."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts "
            "(per layer, or jointly over the layers for an editor trained with --method joint)",
            trained=True, aggregations=("malmen", "joint"),
-           options=(Option("--lambda-scale", float, 1.0, "malmen: multiply the editor's learned regularisers by this "
+           options=(Option("--lambda-scale", positive, 1.0, "malmen: multiply the editor's learned regularisers by this "
                            "(above 1: unrelated inputs move less; below 1: the facts are written harder)"),)),
     Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
            trained=True, aggregations=("sum",)),

@@ -127,12 +127,15 @@ class NormalEquation:
         if self.A is None and not self.keys:
             self.fold()  # no tokens: the sums are zero and S* = 0
         if self.A is None:
-            K, D = torch.cat(self.keys).double(), torch.cat(self.diffs).double()
+            # the products in fp32 as the sums' chunks are (exact terms for half-precision keys),
+            # the factor and the solve in fp64 as the primal's: the same precision, less work
+            K, D = torch.cat(self.keys), torch.cat(self.diffs)
             lam = torch.as_tensor(lam, dtype=torch.float64, device=K.device)
-            gram = K @ K.t()
+            gram = exact_product(K, K.t()).double()
             gram.diagonal().add_(lam)
             factor = cholesky(gram)
-            return DualSolution(K.t() @ torch.cholesky_solve(D, factor), K, factor, lam)
+            X = torch.cholesky_solve(D.double(), factor)
+            return DualSolution((K.float().t() @ X.float()).double(), K, factor, lam)
         matrix = self.A.clone()
         matrix.diagonal().add_(torch.as_tensor(lam, dtype=torch.float64, device=matrix.device))
         factor = cholesky(matrix)
@@ -158,7 +161,7 @@ class NormalSolution:
 @dataclass
 class DualSolution:
     shift64: torch.Tensor   # S* = K^T (K K^T + lambda I)^-1 D, fp64
-    K: torch.Tensor         # the tokens' keys, fp64
+    K: torch.Tensor         # the tokens' keys, as traced
     factor: torch.Tensor    # Cholesky factor of K K^T + lambda I
     lam: torch.Tensor
 
@@ -169,8 +172,8 @@ class DualSolution:
     def backward(self, grad_shift: torch.Tensor) -> "NormalAdjoint":
         """The primal backward without A: (A + lambda I)^-1 = (I - K^T (K K^T + lambda I)^-1 K) / lambda,
         so M = (G - K^T (K K^T + lambda I)^-1 K G) / lambda."""
-        G = grad_shift.double()
-        M = (G - self.K.t() @ torch.cholesky_solve(self.K @ G, self.factor)) / self.lam
+        G, K = grad_shift.double(), self.K.double()  # fp64: M's part in the keys' span is a small difference
+        M = (G - K.t() @ torch.cholesky_solve(K @ G, self.factor)) / self.lam
         return NormalAdjoint(M.float(), -(M * self.shift64).sum().float())
 
 
