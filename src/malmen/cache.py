@@ -2,9 +2,9 @@
 
 They are needed twice: for the shifts, and again for the backward through the solve and the
 hyper-network.  At n facts per step they take n x tokens x (a + b) numbers per edited module,
-the largest memory of a step.  ``StepCache`` stores them in fp32 or bf16, never wider than traced
-(the hyper-network and the solver upcast every chunk to fp32), and above a budget spills them to memory-mapped files in
-a temporary directory that is removed when the step ends.
+the largest memory of a step.  ``StepCache`` stores them in fp32 or bf16, never wider than
+traced (the hyper-network and the solver upcast every chunk to fp32), and above a budget spills
+them to memory-mapped files in a temporary directory that is removed when the step ends.
 """
 from __future__ import annotations
 
