@@ -38,17 +38,17 @@ def test_backward_through_solve_matches_autograd():
 
 
 def test_dual_form_below_the_key_size_equals_autograd_and_the_primal_form():
-    """Fewer tokens (5) than key dimensions (9): the solver keeps the tokens and solves the dual
+    """Fewer tokens (5) than half the key dimensions (12): the solver keeps the tokens and solves the dual
     form; its shift, lambda-gradient and surrogate gradients equal autograd through the dense
     primal solve, and the folded (primal) sums give the same numbers."""
-    keys, pkeys, pgrads, G = random_problem(n=5, a=9, b=3, seed=4)
+    keys, pkeys, pgrads, G = random_problem(n=5, a=12, b=3, seed=4)
     eta, lam = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
     pk, pg, lam_r = (x.clone().requires_grad_() for x in (pkeys, pgrads, lam))
     D = value_differences(keys, pk, pg, eta)
-    S = torch.linalg.solve(keys.t() @ keys + lam_r * torch.eye(9, dtype=torch.float64), keys.t() @ D)
+    S = torch.linalg.solve(keys.t() @ keys + lam_r * torch.eye(12, dtype=torch.float64), keys.t() @ D)
     (S * G).sum().backward()
 
-    dual, primal = NormalEquation(9, 3), NormalEquation(9, 3)
+    dual, primal = NormalEquation(12, 3), NormalEquation(12, 3)
     for agg in (dual, primal):
         agg.accumulate(Tokens(keys[:2], pkeys[:2], pgrads[:2], eta))
         agg.accumulate(Tokens(keys[2:], pkeys[2:], pgrads[2:], eta))
@@ -66,13 +66,13 @@ def test_dual_form_below_the_key_size_equals_autograd_and_the_primal_form():
         assert torch.allclose(pg2.grad.double(), pg.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_the_solver_folds_into_sums_past_the_key_size_and_for_statistics():
+def test_the_solver_folds_into_sums_past_half_the_key_size_and_for_statistics():
     keys, pkeys, pgrads, _ = random_problem(n=12, a=6, b=2, seed=5)
     eta = torch.tensor(0.5, dtype=torch.float64)
     agg = NormalEquation(6, 2)
-    agg.accumulate(Tokens(keys[:6], pkeys[:6], pgrads[:6], eta))
-    assert agg.A is None  # 6 tokens, 6 key dimensions: still the tokens
-    agg.accumulate(Tokens(keys[6:], pkeys[6:], pgrads[6:], eta))
+    agg.accumulate(Tokens(keys[:3], pkeys[:3], pgrads[:3], eta))
+    assert agg.A is None  # 3 tokens, 6 key dimensions: still the tokens
+    agg.accumulate(Tokens(keys[3:], pkeys[3:], pgrads[3:], eta))
     assert agg.A is not None and agg.keys == []
     assert torch.allclose(agg.A, keys.t() @ keys) and agg.tokens == 12
     few = NormalEquation(6, 2)

@@ -3,8 +3,8 @@
 MALMEN (DESIGN.md section 2.4) solves, for each edited module,
     min_S sum_j |S^T k_j - d_j|^2 + lambda |S|^2,      S* = (K^T K + lambda I)^-1 K^T D,
 from the sufficient statistics A = K^T K and B = K^T D, accumulated chunk by chunk so that memory
-does not grow with the number of facts; while there are fewer tokens than key dimensions, from
-the tokens themselves in the dual form S* = K^T (K K^T + lambda I)^-1 D, which is cheaper then.
+does not grow with the number of facts; while there are fewer tokens than half the key
+dimensions, from the tokens themselves in the dual form S* = K^T (K K^T + lambda I)^-1 D, which is cheaper then.
 One Cholesky factor serves the forward solve and the backward pass (DESIGN.md section 3.4).  MEND's sum aggregation
 S = -eta sum_j k~_j g~_j^T is the baseline.  The joint solve treats the edited modules that
 write into the same space (the MLP outputs of several blocks, which all add to the residual
@@ -75,11 +75,12 @@ def cholesky(matrix: torch.Tensor) -> torch.Tensor:
 class NormalEquation:
     """MALMEN's least-squares aggregation for one module, in whichever of two equal forms is cheaper.
 
-    While it has seen no more tokens than the key size a, it keeps the tokens (K, D) and solves the
-    dual (kernel) form S* = K^T (K K^T + lambda I)^-1 D: a system of the tokens' size, not a x a
-    (an edit of a thousand facts in a 16,384-wide GPT-J layer: some 3,000 unknowns per column, not
-    16,384).  Past a tokens it folds them into the fp64 sums A = K^T K and B = K^T D and goes on
-    streaming, so memory never grows beyond the sums.  Both forms give the same S* and the same
+    While it has seen no more tokens than half the key size a, it keeps the tokens (K, D) and solves
+    the dual (kernel) form S* = K^T (K K^T + lambda I)^-1 D in fp64: a system of the tokens' size,
+    not a x a (an edit of a thousand facts in a 16,384-wide GPT-J layer: some 2,500 unknowns per
+    column, not 16,384).  Past a / 2 tokens, where the fp64 dual would cost about what the sums
+    do, it folds them into the fp64 sums A = K^T K and B = K^T D and goes on streaming, so memory
+    never grows beyond the sums.  Both forms give the same S* and the same
     backward (test_solver.py).  ``statistics`` always answers with the sums (folding first)."""
 
     def __init__(self, a: int, b: int, device: torch.device | str = "cpu"):
@@ -93,7 +94,7 @@ class NormalEquation:
     def accumulate(self, t: Tokens) -> None:
         d = t.differences().float()
         self.tokens += t.keys.shape[0]
-        if self.A is None and self.tokens <= self.a:
+        if self.A is None and 2 * self.tokens <= self.a:
             self.keys.append(t.keys)
             self.diffs.append(d)
             return
@@ -127,15 +128,14 @@ class NormalEquation:
         if self.A is None and not self.keys:
             self.fold()  # no tokens: the sums are zero and S* = 0
         if self.A is None:
-            # the products in fp32 as the sums' chunks are (exact terms for half-precision keys),
-            # the factor and the solve in fp64 as the primal's: the same precision, less work
             K, D = torch.cat(self.keys), torch.cat(self.diffs)
+            Kd = K.double()  # fp64 throughout: X may be large where K K^T is nearly singular
             lam = torch.as_tensor(lam, dtype=torch.float64, device=K.device)
-            gram = exact_product(K, K.t()).double()
+            gram = Kd @ Kd.t()
             gram.diagonal().add_(lam)
             factor = cholesky(gram)
             X = torch.cholesky_solve(D.double(), factor)
-            return DualSolution((K.float().t() @ X.float()).double(), K, factor, lam)
+            return DualSolution(Kd.t() @ X, K, factor, lam)
         matrix = self.A.clone()
         matrix.diagonal().add_(torch.as_tensor(lam, dtype=torch.float64, device=matrix.device))
         factor = cholesky(matrix)
