@@ -112,7 +112,7 @@ class TokenBuffer:
         self.modules = list(modules)
         self.keys: dict[str, list] = {m: [] for m in self.modules}
         self.grads: dict[str, list] = {m: [] for m in self.modules}
-        self.tokens = 0
+        self.tokens = 0  # of the module that sees the most
 
     def add(self, keys: dict, grads: dict) -> None:
         for m in self.modules:
@@ -123,7 +123,9 @@ class TokenBuffer:
     def take(self) -> tuple[dict, dict]:
         """Everything gathered (keys, value-gradients by module), and an empty buffer."""
         out = ({m: torch.cat(v) for m, v in self.keys.items()}, {m: torch.cat(v) for m, v in self.grads.items()})
-        self.__init__(self.modules)
+        for m in self.modules:
+            self.keys[m], self.grads[m] = [], []
+        self.tokens = 0
         return out
 
 

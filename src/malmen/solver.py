@@ -4,9 +4,9 @@ MALMEN (DESIGN.md section 2.4) solves, for each edited module,
     min_S sum_j |S^T k_j - d_j|^2 + lambda |S|^2,      S* = (K^T K + lambda I)^-1 K^T D,
 from the sufficient statistics A = K^T K and B = K^T D, accumulated chunk by chunk so that memory
 does not grow with the number of facts; while there are fewer tokens than half the key
-dimensions, from the tokens themselves in the dual form S* = K^T (K K^T + lambda I)^-1 D, which is cheaper then.
-One Cholesky factor serves the forward solve and the backward pass (DESIGN.md section 3.4).  MEND's sum aggregation
-S = -eta sum_j k~_j g~_j^T is the baseline.  The joint solve treats the edited modules that
+dimensions, from the tokens themselves in the cheaper dual form S* = K^T (K K^T + lambda I)^-1 D.
+One Cholesky factor serves the forward solve and the backward pass (DESIGN.md section 3.4).
+MEND's sum aggregation S = -eta sum_j k~_j g~_j^T is the baseline.  The joint solve treats the edited modules that
 write into the same space (the MLP outputs of several blocks, which all add to the residual
 stream) as one linear map of the concatenated keys: sum_l S_l^T k_jl ~ sum_l d_jl, with the key
 dimensions of all of them (six 1,536-dimensional layers: 9,216) to place the facts in.
@@ -80,8 +80,8 @@ class NormalEquation:
     not a x a (an edit of a thousand facts in a 16,384-wide GPT-J layer: some 2,500 unknowns per
     column, not 16,384).  Past a / 2 tokens, where the fp64 dual would cost about what the sums
     do, it folds them into the fp64 sums A = K^T K and B = K^T D and goes on streaming, so memory
-    never grows beyond the sums.  Both forms give the same S* and the same
-    backward (test_solver.py).  ``statistics`` always answers with the sums (folding first)."""
+    never grows beyond the sums.  Both forms give the same S* and the same backward
+    (test_solver.py).  ``statistics`` always answers with the sums (folding first)."""
 
     def __init__(self, a: int, b: int, device: torch.device | str = "cpu"):
         self.a, self.b, self.device = a, b, device
@@ -125,9 +125,7 @@ class NormalEquation:
         return 8 * self.a * (self.a + self.b)
 
     def solve(self, lam: torch.Tensor | float) -> "NormalSolution | DualSolution":
-        if self.A is None and not self.keys:
-            self.fold()  # no tokens: the sums are zero and S* = 0
-        if self.A is None:
+        if self.A is None and self.keys:
             K, D = torch.cat(self.keys), torch.cat(self.diffs)
             Kd = K.double()  # fp64 throughout: X may be large where K K^T is nearly singular
             lam = torch.as_tensor(lam, dtype=torch.float64, device=K.device)
@@ -136,6 +134,7 @@ class NormalEquation:
             factor = cholesky(gram)
             X = torch.cholesky_solve(D.double(), factor)
             return DualSolution(Kd.t() @ X, K, factor, lam)
+        self.fold()  # with no tokens at all, the sums are zero and S* = 0
         matrix = self.A.clone()
         matrix.diagonal().add_(torch.as_tensor(lam, dtype=torch.float64, device=matrix.device))
         factor = cholesky(matrix)

@@ -69,25 +69,24 @@ class CausalLMAdapter(Adapter):
         seps = ["" if p[-1:].isspace() else " " for p in prompts]
         ends = [subject_end(p, s) for p, s in zip(prompts, subjects)]  # one past the subject's last character
         tok, out = self.tokenizer, []
+
+        def normalised(ids: list[int], start: int, last: int | None) -> tuple[list[int], int, int]:
+            start = max(start, 1)  # the first token is always context
+            return ids, start, last if last is not None and last < start else start - 1
+
         if getattr(tok, "is_fast", False):
             enc = tok([f"{p}{sep}{a}" for p, sep, a in zip(prompts, seps, answers)], return_offsets_mapping=True)
             for ids, offsets, prompt, end in zip(enc["input_ids"], enc["offset_mapping"], prompts, ends):
                 boundary = len(prompt)
                 start = next((i for i, (s, e) in enumerate(offsets) if e > boundary and e > s), len(ids))
                 last = next((i for i, (s, e) in enumerate(offsets) if e >= end and e > s), None) if end else None
-                out.append((ids, start, last))
+                out.append(normalised(ids, start, last))
         else:
             for prompt, sep, answer, end in zip(prompts, seps, answers, ends):
                 ids = tok(prompt)["input_ids"]
                 last = len(tok(prompt[:end])["input_ids"]) - 1 if end else None
-                out.append((ids + tok(sep + answer, add_special_tokens=False)["input_ids"], len(ids), last))
-        result = []
-        for ids, start, last in out:
-            start = max(start, 1)  # the first token is always context
-            if last is None or last >= start:
-                last = start - 1
-            result.append((ids, start, last))
-        return result
+                out.append(normalised(ids + tok(sep + answer, add_special_tokens=False)["input_ids"], len(ids), last))
+        return out
 
     def answer_length(self, prompt: str, answer: str) -> int:
         ids, start, _ = self.encode(prompt, answer)
