@@ -5,12 +5,14 @@ import torch
 from malmen.timing import timed
 
 
-def test_timed_synchronises_a_cuda_device_at_both_ends(monkeypatch):
+def test_timed_synchronises_every_cuda_device_at_both_ends(monkeypatch):
+    """Every visible GPU: a model spread over several by a device map works on all of them."""
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(str(device)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with timed("cuda:0") as t:
         calls.append("work")
-    assert calls == ["cuda:0", "work", "cuda:0"] and t.seconds >= 0
+    assert calls == ["0", "1", "work", "0", "1"] and t.seconds >= 0
     calls.clear()
     with timed("cpu"):
         pass

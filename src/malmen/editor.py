@@ -63,7 +63,8 @@ def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
     Per-fact means make a fact's value-gradient independent of the batch it is traced in.
     """
-    token_loss = nn.functional.cross_entropy(logits, batch.answer_targets(), reduction="none")
+    # the targets move to the logits: on a model spread over devices the head sits on the last one
+    token_loss = nn.functional.cross_entropy(logits, batch.answer_targets().to(logits.device), reduction="none")
     return batch.per_fact_sum(token_loss)
 
 
@@ -235,9 +236,16 @@ class MalmenEditor:
     def modules(self) -> list[str]:
         return self.config.modules
 
+    def placement(self) -> dict[str, torch.device]:
+        """The device of each edited module's weight.  A model spread over devices (a device map)
+        keeps each module's sums and shift there; the hyper-network stays on the input device."""
+        return {name: self.model.get_submodule(name).weight.device for name in self.modules}
+
     def new_aggregator(self):
-        """Empty sufficient statistics of the editor's aggregation (solver.py), over all its modules."""
-        return AGGREGATIONS[self.config.aggregation](self.hypernet.shapes, device=self.adapter.device)
+        """Empty sufficient statistics of the editor's aggregation (solver.py), over all its modules,
+        each module's beside its weight."""
+        return AGGREGATIONS[self.config.aggregation](self.hypernet.shapes, device=self.adapter.device,
+                                                      placement=self.placement())
 
     def batches(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[Batch]:
         """Teacher-forced LM micro-batches of ``facts``, grouped by length to waste little padding."""
@@ -307,7 +315,8 @@ class MalmenEditor:
         if distributed.is_main():
             shifts = self.solve(aggregator).shifts
         else:
-            shifts = {m: torch.empty(a, b, device=self.adapter.device) for m, (a, b) in self.hypernet.shapes.items()}
+            placement = self.placement()
+            shifts = {m: torch.empty(a, b, device=placement[m]) for m, (a, b) in self.hypernet.shapes.items()}
         distributed.broadcast(shifts.values())
         return shifts
 

@@ -65,7 +65,8 @@ class Method:
     ``factory`` ("module:function" inside malmen) is called as
     ``function(model, tokenizer, editor=..., options=..., method=self)`` and returns an editor.
     ``trained``: the method needs a trained editor (a directory or a shipped name); with
-    ``aggregations`` set, that editor must have been trained with one of them.
+    ``aggregations`` set, that editor must have been trained with one of them.  ``device_map``:
+    its editor works on a model spread over several devices (``--device-map``).
     """
 
     name: str
@@ -74,6 +75,7 @@ class Method:
     trained: bool = False
     aggregations: tuple[str, ...] = ()
     options: tuple[Option, ...] = field(default=())
+    device_map: bool = False
 
     def check(self, editor: str | None) -> dict | None:
         """Check, without loading any model, that ``editor`` suits this method; its editor.json.
@@ -126,11 +128,11 @@ LOCATE_OPTIONS = (
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts "
            "(per layer, or jointly over the layers for an editor trained with --method joint)",
-           trained=True, aggregations=("malmen", "joint"),
+           trained=True, aggregations=("malmen", "joint"), device_map=True,
            options=(Option("--lambda-scale", positive, 1.0, "malmen: multiply the editor's learned regularisers by this "
                            "(above 1: unrelated inputs move less; below 1: the facts are written harder)"),)),
     Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
-           trained=True, aggregations=("sum",)),
+           trained=True, aggregations=("sum",), device_map=True),
     Method("ft", "baselines.ft:from_method", "fine-tune the edited layers on the facts (Adam)", options=FT_OPTIONS),
     Method("ft-l", "baselines.ft:from_method", "FT with every weight change bounded (ROME/MEMIT's FT-L)",
            options=FT_OPTIONS + (Option("--ft-linf", float, 5e-4, "ft-l: bound on each weight change"),)),

@@ -114,12 +114,16 @@ def plain(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu"):
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu",
+               device_map: str | dict | None = None):
     """Load (model, tokenizer) from an alias, a local directory or hub id, or a GGUF file.
 
     GGUF weights are de-quantised to ``dtype`` (fp32 by default) into a plain model that
     ``save_pretrained`` writes like any other.  The model is put in eval mode with every
     parameter frozen: editors never need the LM's own weight gradients.
+
+    ``device_map`` (``"auto"`` or a dict, as in transformers' ``from_pretrained``) spreads a model
+    too large for one device over every visible one with accelerate; ``device`` is then unused.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -138,11 +142,13 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, devi
     with quiet():
         tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
         auto = auto_class(AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {})))
-        model = auto.from_pretrained(where, dtype=dtype or torch.float32, **(_gguf_kwargs(gguf) if gguf else {}))
+        placement = {"device_map": device_map} if device_map is not None else {}
+        model = auto.from_pretrained(where, dtype=dtype or torch.float32, **placement,
+                                     **(_gguf_kwargs(gguf) if gguf else {}))
     if gguf:
         plain(model)
     model.name_or_path = name
-    return prepare(model.to(device)), tokenizer
+    return prepare(model if device_map is not None else model.to(device)), tokenizer
 
 
 def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:

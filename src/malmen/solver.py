@@ -14,7 +14,7 @@ dimensions of all of them (six 1,536-dimensional layers: 9,216) to place the fac
 Each aggregation is used the same way, over all edited modules at once; every step returns its
 result instead of keeping it, so nothing carries over from one call to the next:
 
-    agg = AGGREGATIONS[name](shapes, device)   # empty sums
+    agg = AGGREGATIONS[name](shapes, device)   # empty sums (``placement=``: a device per module)
     agg.accumulate(chunk)                      # chunk: {module: Tokens}, the same tokens in each
     agg.statistics() / agg.add_statistics(s)   # the sums by name: save them, add another's
     solution = agg.solve(lams)                 # solution.shifts: {module: S (a x b), fp32}
@@ -92,14 +92,15 @@ class NormalEquation:
         self.tokens = 0
 
     def accumulate(self, t: Tokens) -> None:
-        d = t.differences().float()
-        self.tokens += t.keys.shape[0]
+        # the hyper-network may run on another device than this module's (a model spread by a device map)
+        keys, d = t.keys.to(self.device), t.differences().float().to(self.device)
+        self.tokens += keys.shape[0]
         if self.A is None and 2 * self.tokens <= self.a:
-            self.keys.append(t.keys)
+            self.keys.append(keys)
             self.diffs.append(d)
             return
         self.fold()
-        self._add(t.keys, d)
+        self._add(keys, d)
 
     def _add(self, keys: torch.Tensor, d: torch.Tensor) -> None:
         # fp32 products (exact terms for half-precision keys), added into fp64 without an fp64 copy
@@ -194,7 +195,7 @@ class SumAggregation:
         self.tokens = 0
 
     def accumulate(self, t: Tokens) -> None:
-        self.B.add_(t.pkeys.float().t() @ (-t.eta.float() * t.pgrads.float()))
+        self.B.add_((t.pkeys.float().t() @ (-t.eta.float() * t.pgrads.float())).to(self.B.device))
         self.tokens += t.keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:
@@ -227,9 +228,13 @@ class SumAdjoint:
 class PerModule:
     """Each module aggregated on its own (``cls``: NormalEquation or SumAggregation)."""
 
-    def __init__(self, cls, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu"):
+    def __init__(self, cls, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu",
+                 placement: Mapping[str, torch.device | str] | None = None):
+        """``placement``: a device per module, where its sums and shift live (a model spread over
+        devices keeps them beside the module's weight); modules it does not name use ``device``."""
         self.device = torch.device(device)
-        self.parts = {name: cls(a, b, device) for name, (a, b) in shapes.items()}
+        placement = placement or {}
+        self.parts = {name: cls(a, b, torch.device(placement.get(name, device))) for name, (a, b) in shapes.items()}
 
     def sums_nbytes(self) -> int:
         """Memory of the fp64 sums of every module."""
@@ -286,9 +291,12 @@ class JointNormalEquation:
 
     Stacking S = [S_1; ...; S_L] and k^_j = [k_j1; ...; k_jL], this is MALMEN's equation with
     A = sum_j k^_j k^_j^T, B = sum_j k^_j (sum_l d_jl)^T and the regulariser diag(lambda_l I).
-    Every chunk must hold the same tokens for every module (the same answer positions)."""
+    Every chunk must hold the same tokens for every module (the same answer positions).  The one
+    system lives on ``device`` whatever the modules' ``placement``: its shifts move to each
+    module's weight when they are applied."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu"):
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu",
+                 placement: Mapping[str, torch.device | str] | None = None):
         values = {b for _, b in shapes.values()}
         if len(values) != 1:
             raise ValueError(f"a joint solve needs modules of one output size, got {sorted(values)}")
@@ -369,7 +377,7 @@ class JointAdjoint:
 
 
 def _per_module(cls):
-    return lambda shapes, device="cpu": PerModule(cls, shapes, device)
+    return lambda shapes, device="cpu", placement=None: PerModule(cls, shapes, device, placement)
 
 
 AGGREGATIONS = {"malmen": _per_module(NormalEquation), "sum": _per_module(SumAggregation), "joint": JointNormalEquation}

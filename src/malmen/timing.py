@@ -18,9 +18,11 @@ import torch
 
 
 def synchronize(device: torch.device | str | None) -> None:
-    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
+    """Wait for the work queued on ``device`` and, for a GPU, on every other visible GPU: a model
+    spread over several (a device map) works on all of them (a no-op on the CPU)."""
     if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 @dataclass

@@ -71,7 +71,7 @@ class Batch:
 
     def per_fact_sum(self, token_values: torch.Tensor) -> torch.Tensor:
         """Sum over facts of the mean of each fact's ``token_values`` (one per answer position)."""
-        return (token_values * self.indexed().answer_weights).sum()
+        return (token_values * self.indexed().answer_weights.to(token_values.device)).sum()
 
     def answer_targets(self) -> torch.Tensor:
         """The target token of every answer position, in ``answer_rows`` order."""
@@ -108,8 +108,8 @@ def rows_only(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
     the logits are exactly the model's own there.
     """
     def select(module, args):
-        hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),) + tuple(args[1:])
+        hidden = args[0]  # on a model spread over devices, the previous block's device
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device)),) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(select)
     try:
@@ -182,6 +182,9 @@ class Adapter:
                 raise ValueError(f"module '{name}' does not exist in {type(self.model).__name__}") from None
             if not linear.is_editable(module):
                 raise ValueError(f"module '{name}' is a {type(module).__name__}, not a linear layer")
+            if module.weight.device.type == "meta":
+                raise ValueError(f"module '{name}' has no weights in memory (a device map offloaded it to the CPU or "
+                                 "disk); an edited module needs a device of its own: give the map more GPU memory")
             out.append(name)
         if not out:
             raise ValueError("no modules to edit")

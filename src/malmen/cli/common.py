@@ -42,6 +42,54 @@ def add_common(sp: argparse.ArgumentParser, target: bool = True) -> None:
                          "(fact-checking edits derived from CounterFact)")
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
+
+
+def add_device_map(sp: argparse.ArgumentParser) -> None:
+    """--device-map: a model larger than one device, spread over all of them with accelerate."""
+    sp.add_argument("--device-map", metavar="MAP",
+                    help=f"spread the model over every visible device with accelerate: {', '.join(DEVICE_MAPS)}, or a "
+                         "JSON file mapping module names to devices (as transformers' device_map); each edited module's "
+                         "keys, sums and shift stay on its device. --device is then unused; not under torchrun")
+
+
+def checked_device_map(args: argparse.Namespace, method) -> None:
+    """Refuse a --device-map that cannot work, before anything loads; a JSON map is read into
+    ``args.device_map``."""
+    import json
+    import os
+
+    from ..methods import METHODS
+
+    value = getattr(args, "device_map", None)
+    if value is None:
+        return
+    if not method.device_map:
+        fitting = ", ".join(name for name, m in METHODS.items() if m.device_map)
+        raise UsageError(f"--device-map works with --method {fitting}, not --method {method.name}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--device-map spreads one model over this machine's devices; under torchrun each process "
+                         "holds the whole model (use --device cuda)")
+    if value in DEVICE_MAPS:
+        return
+    if not value.endswith(".json"):
+        raise UsageError(f"--device-map must be one of {', '.join(DEVICE_MAPS)} or a .json file, not {value!r}")
+    try:
+        with open(value) as f:
+            mapping = json.load(f)
+    except OSError as err:
+        raise UsageError(f"{value}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{value}: not JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError(f"{value}: a device map is a JSON object of module name -> device")
+    for module, device in mapping.items():
+        if not isinstance(device, (int, str)) or isinstance(device, bool):
+            raise UsageError(f"{value}: field {module!r}: a device is a GPU index or a name (cuda:1, cpu, disk), "
+                             f"not {device!r}")
+    args.device_map = mapping
+
+
 def add_method_options(sp: argparse.ArgumentParser) -> None:
     """--editor, --method and every method's own options (methods.py)."""
     from ..methods import METHODS, all_options
@@ -89,8 +137,9 @@ def read_facts(path: str, target: str, split: str | None = None, limit: int | No
 
 
 def load(args: argparse.Namespace):
-    """(model, tokenizer) of ``--model`` in ``--dtype`` on ``--device``.  Under torchrun this
-    process joins the group first (its device: ``cuda:LOCAL_RANK`` when ``--device cuda``)."""
+    """(model, tokenizer) of ``--model`` in ``--dtype`` on ``--device`` (or spread by ``--device-map``,
+    checked first by ``checked_device_map``).  Under torchrun this process joins the group first
+    (its device: ``cuda:LOCAL_RANK`` when ``--device cuda``)."""
     import torch
 
     from .. import distributed
@@ -98,7 +147,7 @@ def load(args: argparse.Namespace):
 
     args.device = distributed.init_from_env(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return load_model(args.model, dtype=dtype, device=args.device)
+    return load_model(args.model, dtype=dtype, device=args.device, device_map=getattr(args, "device_map", None))
 
 
 def main_process() -> bool:

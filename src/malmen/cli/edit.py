@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DATA_HINT, UsageError, add_common, add_method_options, checked_method, load, main_process,
-                     method_options, progress, seed)
+from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
+                     checked_method, load, main_process, method_options, progress, seed)
 
 
 def add_parser(sub) -> None:
     e = sub.add_parser("edit", help="edit facts into the model at once; optionally save the edited model",
                        formatter_class=sub.formatter_class)
     add_common(e)
+    add_device_map(e)
     add_method_options(e)
     e.add_argument("--facts", required=True, help=DATA_HINT)
     e.add_argument("--out", help="directory for the edited model (save_pretrained, reloadable with transformers alone); "
@@ -51,6 +52,7 @@ def check_file(args: argparse.Namespace, probe_size: int = 32) -> Checked:
 
 def run(args: argparse.Namespace) -> int:
     method = checked_method(args.method, args.editor)
+    checked_device_map(args, method)
     if args.dry_run and not method.trained:
         raise UsageError(f"--dry-run estimates trained editors, not --method {method.name}")
     if args.patch_out and method.name != "malmen":

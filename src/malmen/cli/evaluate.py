@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import (DATA_HINT, UsageError, add_common, add_method_options, checked_method, load, main_process,
-                     method_options, read_facts, seed, write_result)
+from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
+                     checked_method, load, main_process, method_options, read_facts, seed, write_result)
 
 
 def add_parser(sub) -> None:
     v = sub.add_parser("eval", help="edit N facts at once and report ES/GS/LS, edited and unedited",
                        formatter_class=sub.formatter_class)
     add_common(v)
+    add_device_map(v)
     add_method_options(v)
     v.add_argument("--data", required=True, help=DATA_HINT)
     v.add_argument("--split", choices=["train", "val", "test"], help="keep one part of the fixed zsRE split (held out: val, test)")
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, table
 
     method = checked_method(args.method, args.editor)
+    checked_device_map(args, method)
     facts = read_facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups,
                        fmt=args.format)[args.skip:]
     if not facts:
