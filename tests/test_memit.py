@@ -134,3 +134,15 @@ def test_alphaedit_and_memit_through_the_method_registry(tmp_path):
         assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters()) or name == "alphaedit"
         handle.revert()
         assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+def test_the_library_defaults_are_the_command_line_defaults():
+    """MemitConfig reads its defaults from the methods' options: written once."""
+    from malmen.memit import MemitConfig
+    from malmen.methods import default
+
+    config = MemitConfig()
+    assert (config.v_steps, config.v_lr, config.mom2_weight, config.null_threshold, config.l2) == (
+        default("--memit-steps"), default("--memit-lr"), default("--memit-lambda"), default("--null-threshold"),
+        default("--alpha-l2"))
+    assert config.mom2_weight == 1000.0  # the sweep's choice for SmolLM2 (docs/RESULTS.md)

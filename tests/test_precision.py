@@ -7,7 +7,7 @@ import tiny
 from malmen.cache import StepCache
 from malmen.editor import EditorConfig, MalmenEditor, finetune_loss, trace
 from malmen.hypernet import HyperConfig, Normaliser
-from malmen.precision import _TF32Product, exact_product, matmul, tf32
+from malmen.precision import PRECISIONS, _TF32Product, exact_product, matmul, tf32
 
 
 def test_tf32_context_restores_the_setting():
@@ -124,3 +124,10 @@ def test_cache_never_widens_what_was_traced(tmp_path):
     with StepCache("bf16") as cache:
         (narrowed,) = cache.put({"m": torch.randn(4, 3)})
         assert narrowed["m"].dtype == torch.bfloat16
+
+
+def test_the_command_line_offers_exactly_the_precisions_there_are():
+    """The parsers name them without importing torch; they must not drift from precision.py."""
+    from malmen.cli.common import HYPER_PRECISIONS
+
+    assert HYPER_PRECISIONS == PRECISIONS

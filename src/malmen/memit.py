@@ -32,6 +32,7 @@ from .adapters.base import hidden_size, mlp_output
 from .editor import EditHandle, finetune_loss, micro_batches
 from .facts import Fact, distinct
 from .keystats import Corpus, key_moments
+from .methods import default
 from .replay import TrunkCache
 from .tracing import KeyGradTrace, frozen
 
@@ -40,14 +41,14 @@ from .tracing import KeyGradTrace, frozen
 class MemitConfig:
     layers: list[int] = field(default_factory=list)  # block indices; empty: default_layers()
     projection: str = "none"        # "null": AlphaEdit
-    v_steps: int = 25               # Adam steps on each fact's δ
-    v_lr: float = 0.5
+    v_steps: int = default("--memit-steps")      # Adam steps on each fact's δ
+    v_lr: float = default("--memit-lr")
     v_weight_decay: float = 1e-3
     clamp_norm: float = 4.0         # ‖δ‖ <= clamp_norm · ‖h‖
     kl_factor: float = 0.0625
-    mom2_weight: float = 1000.0     # λ of MEMIT (GPT-J: 15,000; SmolLM2's sweep: docs/RESULTS.md)
-    null_threshold: float = 2e-2    # AlphaEdit: eigenvalues of C below this span the null space
-    l2: float = 10.0                # AlphaEdit: μ
+    mom2_weight: float = default("--memit-lambda")  # λ of MEMIT (GPT-J: 15,000; SmolLM2's: methods.py)
+    null_threshold: float = default("--null-threshold")  # AlphaEdit: eigenvalues of C below this span the null space
+    l2: float = default("--alpha-l2")              # AlphaEdit: μ
     lm_batch_size: int = 32
     corpus: Corpus = field(default_factory=Corpus)
     cache: str | None = "~/.cache/malmen"

@@ -143,6 +143,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+def default(flag: str):
+    """The default of a method's option, by flag: the one place it is written (library configs such
+    as ``memit.MemitConfig`` read theirs from here)."""
+    return next(o.default for o in all_options() if o.flag == flag)
+
+
 def prepare(editor) -> float:
     """Run an editor's one-time work (``prepare``, where it has one); its seconds (0 if none or cached)."""
     return float(editor.prepare()) if hasattr(editor, "prepare") else 0.0

@@ -107,16 +107,17 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
     metrics = ["ES", "GS", "LS"]  # the headline metrics; every variant is in the CSV
     names = list(dict.fromkeys(r["data"] for r in rows))  # one row of panels per data file
     colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    lines_of: dict[str, dict[tuple[str, str], list[dict]]] = {}  # data -> (target, method) -> its rows, in one pass
+    for r in rows:
+        lines_of.setdefault(r["data"], {}).setdefault((r["target"], r["method"]), []).append(r)
     fig, axes = plt.subplots(len(names), len(metrics), figsize=(3.2 * len(metrics), 3.2 * len(names)), squeeze=False)
     for panels, data in zip(axes, names):
         for ax, metric in zip(panels, metrics):
-            for target in dict.fromkeys(r["target"] for r in rows if r["data"] == data):
-                for method, colour in colours.items():
-                    pts = sorted((r["n"], r[metric]) for r in rows
-                                 if (r["data"], r["target"], r["method"]) == (data, target, method) and metric in r)
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", color=colour, linestyle="-" if target == "new" else "--",
-                                label=f"{method} ({target})")
+            for (target, method), line in lines_of[data].items():
+                pts = sorted((r["n"], r[metric]) for r in line if metric in r)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", color=colours[method], linestyle="-" if target == "new" else "--",
+                            label=f"{method} ({target})")
             ax.set_xscale("log")
             ax.set_title(f"{metric} ({data})")
             ax.set_xlabel("facts edited at once")

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (DATA_HINT, UsageError, add_common, checked_method, command_line, load, method_options,
-                     read_facts, seed, write_result)
+from .common import (DATA_HINT, UsageError, add_common, add_hyper_precision, checked_method, command_line, load,
+                     method_options, read_facts, seed, write_result)
 
 
 def add_parser(sub) -> None:
@@ -48,8 +48,7 @@ def add_parser(sub) -> None:
     sp.add_argument("--rank", type=int, default=256, help="rank of an untrained editor's hyper-network (the paper: 1920)")
     sp.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch of an untrained editor")
     sp.add_argument("--editor", help="editor directory or shipped name (default: an untrained editor)")
-    sp.add_argument("--hyper-precision", default="tf32", choices=["fp32", "tf32", "bf16"],
-                    help="the hyper-network's products (tf32: a GPU's tensor cores; fp32 elsewhere)")
+    add_hyper_precision(sp, "the hyper-network's products (tf32: a GPU's tensor cores; fp32 elsewhere)")
     sp.add_argument("--data", help=DATA_HINT + " (zsRE: validation facts are edited, training facts train; "
                     "default: synthetic facts, bench/synthetic.py)")
     sp.add_argument("--no-split", action="store_true", help="use --data as it is for both (no zsRE split)")

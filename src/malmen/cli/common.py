@@ -42,6 +42,14 @@ def add_common(sp: argparse.ArgumentParser, target: bool = True) -> None:
                          "(fact-checking edits derived from CounterFact)")
 
 
+HYPER_PRECISIONS = ("fp32", "tf32", "bf16")  # precision.PRECISIONS, named here without importing torch
+
+
+def add_hyper_precision(sp: argparse.ArgumentParser, help: str) -> None:
+    """--hyper-precision: how the hyper-network's products run (precision.py)."""
+    sp.add_argument("--hyper-precision", default="tf32", choices=HYPER_PRECISIONS, help=help)
+
+
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
 
 

@@ -7,7 +7,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .common import DATA_HINT, UsageError, add_common, load, read_facts, seed
+from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, load, read_facts, seed
 
 
 def add_parser(sub) -> None:
@@ -48,9 +48,8 @@ def add_parser(sub) -> None:
     t.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the keys and value-gradients a step keeps, never wider than traced (the "
                    "hyper-network and solver read them in fp32)")
-    t.add_argument("--hyper-precision", default="tf32", choices=["fp32", "tf32", "bf16"],
-                   help="the hyper-network's products: tf32 runs them on a GPU's tensor cores (fp32 elsewhere), "
-                   "bf16 rounds their operands (docs/BENCHMARKS.md gives the cost of each)")
+    add_hyper_precision(t, "the hyper-network's products: tf32 runs them on a GPU's tensor cores (fp32 elsewhere), "
+                           "bf16 rounds their operands (docs/BENCHMARKS.md gives the cost of each)")
     t.add_argument("--cache-budget-mb", type=float, help="spill them to memory-mapped files above this size")
     t.add_argument("--trunk-store", metavar="DIR",
                    help="keep the hidden states entering the lowest edited block here, across steps and runs: a "
