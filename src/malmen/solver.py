@@ -195,7 +195,9 @@ class SumAggregation:
         self.tokens = 0
 
     def accumulate(self, t: Tokens) -> None:
-        self.B.add_((t.pkeys.float().t() @ (-t.eta.float() * t.pgrads.float())).to(self.B.device))
+        # the tokens come to this module's device (as in NormalEquation), not an a x b product
+        pkeys, pgrads, eta = (x.float().to(self.B.device) for x in (t.pkeys, t.pgrads, t.eta))
+        self.B.add_(pkeys.t() @ (-eta * pgrads))
         self.tokens += t.keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:
