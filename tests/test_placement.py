@@ -136,14 +136,18 @@ def test_the_command_line_edits_a_model_spread_by_a_map_and_saves_it(tmp_path):
 @pytest.mark.parametrize("extra, env, message", [
     (["--device-map", "everywhere"], {}, "--device-map must be one of auto"),
     (["--device-map", "MAP"], {}, "field 'model.layers.0': a device is a GPU index or a name"),
+    (["--device-map", "TYPO"], {}, "field 'model.layers.0': a device is a GPU index or a name"),
     (["--device-map", "missing.json"], {}, "missing.json: No such file"),
+    (["--device-map", "auto", "--model", "minilm-factcheck"], {}, "minilm-factcheck is a classifier head's small encoder"),
     (["--device-map", "auto", "--method", "ft"], {}, "--device-map works with --method malmen, mend, not --method ft"),
     (["--device-map", "auto"], {"WORLD_SIZE": "2"}, "under torchrun"),
 ])
 def test_a_device_map_that_cannot_work_is_refused_before_loading(tmp_path, capsys, monkeypatch, extra, env, message):
     tiny.write_facts(tmp_path / "facts.jsonl", tiny.facts(2))
     (tmp_path / "map.json").write_text(json.dumps({"model.layers.0": [0, 1]}))
-    extra = [str(tmp_path / "map.json") if x == "MAP" else x for x in extra]
+    (tmp_path / "typo.json").write_text(json.dumps({"model.layers.0": "gpu:0"}))
+    files = {"MAP": str(tmp_path / "map.json"), "TYPO": str(tmp_path / "typo.json")}
+    extra = [files.get(x, x) for x in extra]
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
@@ -153,3 +157,10 @@ def test_a_device_map_that_cannot_work_is_refused_before_loading(tmp_path, capsy
         assert code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_load_model_refuses_to_spread_a_classifier_heads_encoder():
+    from malmen.models import load_model
+
+    with pytest.raises(ValueError, match="loads on one device"):
+        load_model("minilm-factcheck", device_map="auto")

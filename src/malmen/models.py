@@ -14,9 +14,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .registry import DEFAULT_MODEL
+from .registry import DEFAULT_MODEL, classifier_head
 
-HEADS = Path(__file__).parent / "heads"  # classifier heads shipped with the package
 
 
 # ---------------------------------------------------------------- loading
@@ -128,6 +127,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, devi
     from transformers import AutoConfig, AutoTokenizer
 
     head = classifier_head(name)
+    if head is not None and device_map is not None:
+        raise ValueError(f"{name}: a classifier head's encoder loads on one device (--device), not spread by a device map")
     if head is not None:  # a frozen encoder plus a trained verdict head (see classifier.py)
         from .classifier import build
 
@@ -159,14 +160,6 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
     with quiet(), atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def classifier_head(name: str) -> Path | None:
-    """The directory of a classifier head: a shipped head's name or a directory with head.json."""
-    for path in (HEADS / name, Path(name)):
-        if (path / "head.json").is_file():
-            return path
-    return None
 
 
 def auto_class(config):

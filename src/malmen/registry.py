@@ -1,10 +1,11 @@
-"""Editors shipped inside the package, resolved by name (``--editor smollm2-zsre``)."""
+"""Editors and classifier heads shipped inside the package, resolved by name (``--editor smollm2-zsre``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 SHIPPED = Path(__file__).parent / "editors"
+HEADS = Path(__file__).parent / "heads"  # classifier heads shipped with the package
 DEFAULT_MODEL = "smollm2-135m"  # the model every command uses unless told otherwise
 
 
@@ -21,6 +22,15 @@ def resolve_editor(name: str | Path) -> Path:
         return SHIPPED / str(name)
     names = ", ".join(shipped()) or "none"
     raise FileNotFoundError(f"{name}: no editor.json there and no shipped editor of that name (shipped: {names})")
+
+
+def classifier_head(name: str) -> Path | None:
+    """The directory of a classifier head: a shipped head's name or a directory with head.json
+    (no torch: the command line asks before loading anything)."""
+    for path in (HEADS / name, Path(name)):
+        if (path / "head.json").is_file():
+            return path
+    return None
 
 
 FORMAT = "malmen-editor"

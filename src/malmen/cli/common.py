@@ -7,6 +7,7 @@ Nothing here imports torch at module level.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def add_hyper_precision(sp: argparse.ArgumentParser, help: str) -> None:
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies
 
 
+DEVICE_NAME = re.compile(r"cpu|disk|mps|(cuda|xpu|npu|mlu|hpu)(:\d+)?")  # what accelerate places modules on
+
+
 def add_device_map(sp: argparse.ArgumentParser) -> None:
     """--device-map: a model larger than one device, spread over all of them with accelerate."""
     sp.add_argument("--device-map", metavar="MAP",
@@ -75,6 +79,11 @@ def checked_device_map(args: argparse.Namespace, method) -> None:
     if not method.device_map:
         fitting = ", ".join(name for name, m in METHODS.items() if m.device_map)
         raise UsageError(f"--device-map works with --method {fitting}, not --method {method.name}")
+    from ..registry import classifier_head
+
+    if classifier_head(args.model) is not None:
+        raise UsageError(f"--device-map spreads a language model; {args.model} is a classifier head's small encoder "
+                         "(use --device)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--device-map spreads one model over this machine's devices; under torchrun each process "
                          "holds the whole model (use --device cuda)")
@@ -92,7 +101,8 @@ def checked_device_map(args: argparse.Namespace, method) -> None:
     if not isinstance(mapping, dict) or not mapping:
         raise UsageError(f"{value}: a device map is a JSON object of module name -> device")
     for module, device in mapping.items():
-        if not isinstance(device, (int, str)) or isinstance(device, bool):
+        index = isinstance(device, int) and not isinstance(device, bool) and device >= 0
+        if not (index or isinstance(device, str) and DEVICE_NAME.fullmatch(device)):
             raise UsageError(f"{value}: field {module!r}: a device is a GPU index or a name (cuda:1, cpu, disk), "
                              f"not {device!r}")
     args.device_map = mapping
