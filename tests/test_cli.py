@@ -82,6 +82,29 @@ def test_eval_reports_what_the_library_computes(workspace, trained):
         assert r[key] == reference[key] and r["before"][key] == reference["before"][key], key
 
 
+def test_eval_with_a_keys_shaped_regulariser_reports_what_the_library_computes(workspace, trained):
+    """--regulariser keys --stats-data: the key statistics at the locality answers of the file's
+    train part (the first --stats-texts facts); the same figures as the library's editor so set."""
+    from malmen.datasets import load_facts
+    from malmen.editor import MalmenEditor
+    from malmen.evaluate import evaluate
+
+    w, results = workspace, workspace / "results-keys.json"
+    assert main(["eval", "--model", str(w / "model"), "--editor", str(trained / "best"), "--data", str(w / "val.jsonl"),
+                 "--n-edits", "8", "--no-generate", "--regulariser", "keys", "--stats-data", str(w / "train.jsonl"),
+                 "--stats-texts", "40", "--lambda-scale", "2", "--out", str(results)]) == 0
+    r = json.loads(results.read_text())
+    model, tok = load_tiny(w)
+    editor = MalmenEditor.from_pretrained(trained / "best", model, tok)
+    editor.config.regulariser, editor.config.lambda_scale = "keys", 2.0
+    editor.stats_facts = [f for f in load_facts(w / "train.jsonl", split="train")][:40]
+    reference = evaluate(editor, list(load_facts(w / "val.jsonl"))[:8], 8, generate=False)
+    plain = evaluate(MalmenEditor.from_pretrained(trained / "best", model, tok), list(load_facts(w / "val.jsonl"))[:8], 8,
+                     generate=False)
+    assert all(r[key] == reference[key] for key in ("ES", "GS", "LS"))
+    assert any(r[key] != plain[key] for key in ("ES", "GS", "LS"))  # the shape changed the edit
+
+
 def test_resume_continues_from_last(workspace):
     w = workspace
     args = ["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
@@ -116,6 +139,24 @@ def test_a_non_positive_lambda_scale_is_refused_before_the_model_is_loaded(train
     r = run_cli("edit", "--model", str(tmp_path / "no-model"), "--editor", str(trained / "best"), "--facts", str(facts),
                 "--lambda-scale", "0", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "argument --lambda-scale: must be positive, not 0" in r.stderr
+    assert "no-model" not in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--regulariser", "diagonal"], "argument --regulariser: choose identity or keys, not diagonal"),
+    (["--prior-mix", "1.5"], "argument --prior-mix: must lie in [0, 1], not 1.5"),
+    (["--regulariser", "keys", "--stats-data", "NOLOC"], "no locality prompts among the first"),
+    (["--regulariser", "keys", "--stats-data", "BAD"], "record 2: field 'target': missing"),
+])
+def test_a_bad_regulariser_setting_is_refused_before_the_model_is_loaded(trained, tmp_path, extra, message):
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "a", "target": "b"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c"}\n')
+    (tmp_path / "noloc.jsonl").write_text("".join(f'{{"prompt": "p{i}", "target": "t"}}\n' for i in range(10)))
+    files = {"NOLOC": str(tmp_path / "noloc.jsonl"), "BAD": str(tmp_path / "bad.jsonl")}
+    r = run_cli("eval", "--model", str(tmp_path / "no-model"), "--editor", str(trained / "best"), "--data", str(facts),
+                *[files.get(x, x) for x in extra], "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and message in r.stderr.splitlines()[-1], r.stderr  # argparse prints its usage first
     assert "no-model" not in r.stderr and not (tmp_path / "o").exists()
 
 
@@ -194,6 +235,23 @@ def test_bench_quality_takes_a_split_and_a_skip_for_each_data_file(workspace, ca
     assert main(["bench", "quality", "--model", str(w / "model"), "--methods", "ft", "--data", data[0],
                  "--skip", "3", "--n", "10000", "--out", str(out / "y")]) == 2
     assert "fewer than any --n" in capsys.readouterr().err and not (out / "y").exists()
+
+
+def test_train_with_a_keys_shaped_regulariser_saves_it_and_learns_lambda(workspace, trained):
+    """--regulariser keys --stats-data on a continued editor: trained through the shaped solve
+    (its lambdas move), saved with the setting."""
+    w = workspace
+    before = json.loads((trained / "best" / "editor.json").read_text())["trainer"]["step"]
+    assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--init-editor", str(trained / "best"), "--out", str(w / "shaped"), "--n-edits", "8",
+                 "--steps", str(before + 2), "--val-every", "2", "--val-n", "8", "--lm-batch-size", "4",
+                 "--regulariser", "keys", "--stats-data", str(w / "train.jsonl"), "--stats-texts", "80"]) == 0
+    config = json.loads((w / "shaped" / "last" / "editor.json").read_text())["config"]
+    assert config["regulariser"] == "keys" and config["prior_mix"] == 1.0
+    from safetensors.torch import load_file
+    old, new = load_file(trained / "best" / "editor.safetensors"), load_file(w / "shaped" / "last" / "editor.safetensors")
+    lams = [k for k in new if "lam" in k]
+    assert lams and any(not torch.equal(old[k], new[k]) for k in lams)
 
 
 def test_train_continues_from_an_editor(workspace, trained):

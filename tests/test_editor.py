@@ -211,3 +211,36 @@ def test_identical_facts_count_once():
     other = tiny.facts(2, seed=9)[1]
     assert all(torch.equal(a, b) for a, b in zip(editor.shifts([fact, other]).values(),
                                                  editor.shifts([fact, other, fact, other]).values()))
+
+
+def test_a_keys_shaped_regulariser_uses_the_key_statistics_and_is_saved(tmp_path):
+    """regulariser='keys': each module's normal equation is regularised by lambda times the keys'
+    second moment over the model's own samples, trace-matched to the identity (keystats.key_prior);
+    the statistics are cached in stats_dir; the setting is saved; mix 0 is the paper's lambda I."""
+    from malmen.keystats import Corpus, key_moments
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    config = dict(hyper=HyperConfig(rank=8, eta_init=0.5), lm_batch_size=3)
+    plain = MalmenEditor(model, tok, EditorConfig(**config))
+    shaped = MalmenEditor(model, tok, EditorConfig(regulariser="keys", **config), hypernet=plain.hypernet)
+    shaped.stats_dir, shaped.corpus = str(tmp_path / "stats"), Corpus(texts=16, length=12, batch_size=8)
+    facts = tiny.facts(6)
+    assert shaped.prepare() > 0 and shaped.prepare() == 0.0  # computed once, then kept
+    priors = shaped.priors()
+    moments = key_moments(model, tok, shaped.modules, shaped.corpus, cache=tmp_path / "stats")  # from the cache
+    for m in shaped.modules:
+        c = moments.mean(m)
+        assert torch.allclose(priors[m], c * (len(c) / c.trace()))
+        assert torch.allclose(priors[m].trace(), torch.tensor(float(len(c)), dtype=torch.float64))
+    ours, paper = shaped.shifts(facts), plain.shifts(facts)
+    assert all(not torch.allclose(ours[m], paper[m], atol=1e-2 * float(paper[m].abs().max())) for m in ours)
+    shaped.config.prior_mix, shaped._priors = 0.0, None
+    identity = shaped.shifts(facts)
+    # equal up to the primal form's fp32 key products (the plain editor solves these few tokens in the fp64 dual)
+    assert all(torch.allclose(identity[m], paper[m], atol=1e-4 * float(paper[m].abs().max())) for m in ours)
+    shaped.config.prior_mix = 1.0
+    shaped.save_pretrained(tmp_path / "ed")
+    loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
+    assert loaded.config.regulariser == "keys" and loaded.config.prior_mix == 1.0
+    with pytest.raises(ValueError, match="regulariser must be one of"):
+        MalmenEditor(model, tok, EditorConfig(regulariser="diagonal", **config))

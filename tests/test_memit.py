@@ -52,6 +52,36 @@ def test_streamed_statistics_equal_those_at_once_and_are_cached(tmp_path):
     assert key_moments(model, tok, more, CORPUS, tmp_path).seconds == 0.0
 
 
+def test_answer_moments_sum_the_keys_at_the_answer_positions_only():
+    from malmen.keystats import answer_moments
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    adapter = adapter_for(model, tok)
+    modules = adapter.default_modules(2)
+    facts = tiny.facts(7)
+    prompts, answers = [f.locality_prompt for f in facts], [f.locality_answer for f in facts]
+    moments = answer_moments(adapter, modules, prompts, answers, batch_size=3)
+    batch = adapter.batch(prompts, answers)
+    with torch.no_grad(), KeyGradTrace(model, modules, None, keep_grads=False) as t:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert moments.count == int(batch.mask.sum())
+    for m in modules:
+        k = t.keys[m].reshape(*batch.mask.shape, -1)[batch.mask].double()  # every position traced, the answers kept
+        assert torch.allclose(moments.mean(m), k.T @ k / len(k), rtol=1e-5, atol=1e-6)
+
+
+def test_key_prior_has_the_identitys_trace_and_blends_with_it():
+    from malmen.keystats import key_prior
+
+    k = torch.randn(50, 6, generator=torch.Generator().manual_seed(0)) * torch.arange(1.0, 7.0)
+    c = (k.T @ k / 50).double()
+    prior = key_prior(c)
+    assert torch.allclose(prior.trace(), torch.tensor(6.0, dtype=torch.float64))
+    assert torch.allclose(prior, c * 6 / c.trace())  # the direction of C, the scale of I
+    assert torch.equal(key_prior(c, 0.0), torch.eye(6, dtype=torch.float64))
+    assert torch.allclose(key_prior(c, 0.25), 0.75 * torch.eye(6, dtype=torch.float64) + 0.25 * prior)
+
+
 def test_layers_are_parsed_and_scaled_to_depth():
     assert parse_layers("3-5,8") == [3, 4, 5, 8]
     assert default_layers(28) == [3, 4, 5, 6, 7, 8]   # MEMIT's GPT-J layers

@@ -66,6 +66,46 @@ def test_dual_form_below_the_key_size_equals_autograd_and_the_primal_form():
         assert torch.allclose(pg2.grad.double(), pg.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_a_shaped_regulariser_solves_and_differentiates_like_autograd():
+    """lambda P instead of lambda I (P SPD, e.g. the keys' second moment): the shift is
+    (K^T K + lambda P)^-1 K^T D and its backward (lambda, pseudo keys and gradients) equals
+    autograd, also with fewer tokens than half the key size (a shaped regulariser is never dual)."""
+    for n, a in ((7, 5), (3, 12)):
+        keys, pkeys, pgrads, G = random_problem(n=n, a=a, b=3, seed=6)
+        root = torch.randn(a, a, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        prior = root @ root.t() / a + 0.1 * torch.eye(a, dtype=torch.float64)
+        eta, lam = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+        pk, pg, lam_r = (x.clone().requires_grad_() for x in (pkeys, pgrads, lam))
+        D = value_differences(keys, pk, pg, eta)
+        S = torch.linalg.solve(keys.t() @ keys + lam_r * prior, keys.t() @ D)
+        (S * G).sum().backward()
+
+        agg = NormalEquation(a, 3, prior=prior.float())
+        agg.accumulate(Tokens(keys, pkeys, pgrads, eta))
+        assert agg.A is not None  # the primal form from the first token
+        solution = agg.solve(lam)
+        assert torch.allclose(solution.shift.double(), S.detach(), atol=1e-5)
+        adjoint = solution.backward(G)
+        assert torch.allclose(adjoint.dlam.double(), lam_r.grad, rtol=1e-4)
+        pk2, pg2 = pkeys.float().requires_grad_(), pgrads.float().requires_grad_()
+        adjoint.surrogate(Tokens(keys, pk2, pg2, eta.float())).backward()
+        assert torch.allclose(pk2.grad.double(), pk.grad, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(pg2.grad.double(), pg.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_identity_as_prior_is_the_papers_solve_and_priors_reach_each_module():
+    keys, pkeys, pgrads, _ = random_problem(n=9, a=6, b=2, seed=8)
+    eta = torch.tensor(0.4, dtype=torch.float64)
+    shapes = {"a": (6, 2), "b": (6, 2)}
+    plain = AGGREGATIONS["malmen"](shapes)
+    shaped = AGGREGATIONS["malmen"](shapes, priors={"a": torch.eye(6), "b": 2 * torch.eye(6)})
+    for agg in (plain, shaped):
+        agg.accumulate({m: Tokens(keys, pkeys, pgrads, eta) for m in shapes})
+    ours, paper = shaped.solve({"a": 0.5, "b": 0.5}).shifts, plain.solve({"a": 0.5, "b": 1.0}).shifts
+    assert torch.allclose(ours["a"], paper["a"], atol=1e-6)  # lambda I
+    assert torch.allclose(ours["b"], paper["b"], atol=1e-6)  # lambda (2 I) = (2 lambda) I
+
+
 def test_the_solver_folds_into_sums_past_half_the_key_size_and_for_statistics():
     keys, pkeys, pgrads, _ = random_problem(n=12, a=6, b=2, seed=5)
     eta = torch.tensor(0.5, dtype=torch.float64)
@@ -79,6 +119,11 @@ def test_the_solver_folds_into_sums_past_half_the_key_size_and_for_statistics():
     few.accumulate(Tokens(keys[:3], pkeys[:3], pgrads[:3], eta))
     stats = few.statistics()  # sums asked for (to add over processes, to save): folded
     assert torch.allclose(stats["A"], keys[:3].t() @ keys[:3])
+
+
+def test_the_sum_aggregation_refuses_a_regulariser_shape():
+    with pytest.raises(ValueError, match="no regulariser"):
+        AGGREGATIONS["sum"]({"m": (4, 2)}, priors={"m": torch.eye(4)})
 
 
 def test_sum_aggregation_backward_matches_autograd():
@@ -129,9 +174,11 @@ def test_cholesky_jitter_warns_on_singular_matrix():
     assert torch.isfinite(factor).all()
 
 
-def test_joint_solve_and_its_backward_match_autograd():
+@pytest.mark.parametrize("shaped", [False, True])
+def test_joint_solve_and_its_backward_match_autograd(shaped):
     """Two modules of key sizes 5 and 4, one output size: the joint solve equals the dense stacked
-    least squares, and its backward (lambdas, pseudo keys and gradients, steps) equals autograd."""
+    least squares, and its backward (lambdas, pseudo keys and gradients, steps) equals autograd;
+    ``shaped``: the first module's regulariser is lambda P (the second keeps lambda I)."""
     g = torch.Generator().manual_seed(3)
     n, sizes, b = 9, {"m1": 5, "m2": 4}, 3
     keys = {m: torch.randn(n, a, generator=g, dtype=torch.float64) for m, a in sizes.items()}
@@ -145,11 +192,14 @@ def test_joint_solve_and_its_backward_match_autograd():
             (("pk", pkeys), ("pg", pgrads), ("eta", etas), ("lam", lams))}
     K = torch.cat([keys[m] for m in sizes], -1)
     D = sum(value_differences(keys[m], leaf["pk"][m], leaf["pg"][m], leaf["eta"][m]) for m in sizes)
-    reg = torch.diag(torch.cat([leaf["lam"][m] * torch.ones(a, dtype=torch.float64) for m, a in sizes.items()]))
+    root = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    shapes = {"m1": root @ root.t() / 5 + 0.1 * torch.eye(5, dtype=torch.float64) if shaped
+              else torch.eye(5, dtype=torch.float64), "m2": torch.eye(4, dtype=torch.float64)}
+    reg = torch.block_diag(*[leaf["lam"][m] * shapes[m] for m in sizes])
     S = torch.linalg.solve(K.t() @ K + reg, K.t() @ D)
     (S * torch.cat([G[m] for m in sizes])).sum().backward()
 
-    agg = JointNormalEquation({m: (a, b) for m, a in sizes.items()})
+    agg = JointNormalEquation({m: (a, b) for m, a in sizes.items()}, priors={"m1": shapes["m1"]} if shaped else None)
     for s in (slice(0, 4), slice(4, 9)):  # streamed in two chunks
         agg.accumulate({m: Tokens(keys[m][s], pkeys[m][s], pgrads[m][s], etas[m]) for m in sizes})
     solution = agg.solve(lams)

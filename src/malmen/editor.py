@@ -25,10 +25,13 @@ from .facts import Fact, distinct
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .adapters import Adapter, Batch, adapter_for
 from .models import model_identity, same_weights, weight_sample
+from .keystats import Corpus, answer_moments, key_moments, key_prior
 from .precision import PRECISIONS
 from .solver import AGGREGATIONS, Tokens
+from .timing import timed
 from .tracing import KeyGradTrace
 
+REGULARISERS = ("identity", "keys")
 FORMAT = registry.FORMAT
 VERSION = 1
 
@@ -44,6 +47,8 @@ class EditorConfig:
     hyper_batch_size: int = 4096                        # tokens per hyper-network chunk
     keys: str = "answer"                                # where keys are read: answer, first or subject (adapters)
     lambda_scale: float = 1.0                           # edit-time factor on the learned regularisers
+    regulariser: str = "identity"                       # lambda times: identity (the paper) or keys (E[k kᵀ], keystats.py)
+    prior_mix: float = 1.0                              # keys: the weight of E[k kᵀ] against the identity
     hyper_precision: str = "tf32"                       # the hyper-network's products: fp32, tf32 (CUDA) or bf16
 
     def to_dict(self) -> dict:
@@ -229,8 +234,16 @@ class MalmenEditor:
         self.hypernet = hypernet or HyperNetwork(shapes, self.config.hyper)
         if self.hypernet.shapes != shapes:
             raise ValueError(f"editor was built for modules {self.hypernet.shapes}, model has {shapes}")
+        if self.config.regulariser not in REGULARISERS:
+            raise ValueError(f"regulariser must be one of {', '.join(REGULARISERS)}, not {self.config.regulariser!r}")
+        if not 0.0 <= self.config.prior_mix <= 1.0:
+            raise ValueError(f"prior_mix must lie in [0, 1], not {self.config.prior_mix}")
         self.hypernet.to(self.adapter.device)
         self.metadata: dict = {}  # extra editor.json entries (training history, provenance), kept on save
+        self.stats_dir: str | None = "~/.cache/malmen"  # where key statistics are cached (None: not at all)
+        self.corpus = Corpus()                            # the text they are taken over (regulariser 'keys') ...
+        self.stats_facts: list[Fact] | None = None        # ... or these facts' locality prompts, where given
+        self._priors: dict[str, torch.Tensor] | None = None
 
     @property
     def modules(self) -> list[str]:
@@ -241,11 +254,43 @@ class MalmenEditor:
         keeps each module's sums and shift there; the hyper-network stays on the input device."""
         return {name: self.model.get_submodule(name).weight.device for name in self.modules}
 
+    def priors(self) -> dict[str, torch.Tensor] | None:
+        """Each module's regulariser shape P in the normal equation's lambda P (solver.NormalEquation):
+        None for the paper's identity; for ``regulariser='keys'`` the second moment of the module's
+        keys, scaled to mean eigenvalue 1: at the answer positions of ``stats_facts``' locality
+        prompts where given (keystats.answer_moments), else over text the model samples itself
+        (``corpus``, keystats.key_moments; cached in ``stats_dir``).  Computed on first use from
+        the model as it is then, and kept: they describe the unedited model's inputs."""
+        if self.config.regulariser == "identity":
+            return None
+        if self._priors is None:
+            if self.stats_facts is not None:
+                pairs = [(f.locality_prompt, f.locality_answer) for f in self.stats_facts if f.has_locality]
+                if not pairs:
+                    raise ValueError("the key statistics' facts have no locality prompts")
+                moments = answer_moments(self.adapter, self.modules, *map(list, zip(*pairs)),
+                                         batch_size=self.config.lm_batch_size)
+            else:
+                moments = key_moments(self.model, self.adapter.tokenizer, self.modules, self.corpus, cache=self.stats_dir)
+            self._priors = {m: key_prior(moments.mean(m), self.config.prior_mix) for m in self.modules}
+        return self._priors
+
+    def prepare(self) -> float:
+        """The one-time work before editing (methods.prepare): the key statistics a shaped
+        regulariser needs; its seconds (0 when none or cached)."""
+        if self.config.regulariser == "identity" or self._priors is not None:
+            return 0.0
+        with timed(self.adapter.device) as took:
+            self.priors()
+        return took.seconds
+
     def new_aggregator(self):
         """Empty sufficient statistics of the editor's aggregation (solver.py), over all its modules,
         each module's beside its weight."""
+        priors = self.priors()
+        extra = {} if priors is None else {"priors": priors}
         return AGGREGATIONS[self.config.aggregation](self.hypernet.shapes, device=self.adapter.device,
-                                                      placement=self.placement())
+                                                      placement=self.placement(), **extra)
 
     def batches(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[Batch]:
         """Teacher-forced LM micro-batches of ``facts``, grouped by length to waste little padding."""
@@ -397,10 +442,26 @@ class MalmenEditor:
 
 def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, method) -> MalmenEditor:
     """The factory of the 'malmen' and 'mend' methods (methods.py): a trained editor, loaded, with
-    the method's options (``lambda_scale``) applied."""
+    the method's options (``lambda_scale``, ``regulariser``, ``prior_mix``, ``stats_dir``, ``stats_texts``,
+    ``stats_data``) applied;
+    an option left at None keeps the editor's own setting."""
     loaded = MalmenEditor.from_pretrained(editor, model, tokenizer)
     if "lambda_scale" in options:
         if options["lambda_scale"] <= 0:
             raise ValueError(f"--lambda-scale must be positive, not {options['lambda_scale']}")
         loaded.config.lambda_scale = options["lambda_scale"]
+    for key in ("regulariser", "prior_mix"):
+        if options.get(key) is not None:
+            setattr(loaded.config, key, options[key])
+    if loaded.config.regulariser not in REGULARISERS:
+        raise ValueError(f"--regulariser must be one of {', '.join(REGULARISERS)}, not {loaded.config.regulariser!r}")
+    if options.get("stats_dir"):
+        loaded.stats_dir = options["stats_dir"]
+    if options.get("stats_texts"):
+        loaded.corpus = Corpus(texts=options["stats_texts"])
+    if options.get("stats_data"):
+        from .datasets import load_facts
+
+        facts = load_facts(options["stats_data"], split="train")  # never a held-out part's own locality prompts
+        loaded.stats_facts = [f for _, f in zip(range(options.get("stats_texts") or 512), facts)]
     return loaded

@@ -98,6 +98,20 @@ def accumulate(model: nn.Module, modules: Sequence[str], batches: Iterable[torch
     return moments
 
 
+def answer_moments(adapter, modules: Sequence[str], prompts: Sequence[str], answers: Sequence[str],
+                   batch_size: int = 32) -> SecondMoments:
+    """The keys of ``modules`` at the answer positions of teacher-forced prompt/answer pairs, summed:
+    the positions where an edit's locality is measured, when the pairs are a data set's locality
+    prompts (the inputs edits must leave alone).  ``adapter``: how the model is fed (adapters/)."""
+    moments = SecondMoments()
+    for i in range(0, len(prompts), batch_size):
+        batch = adapter.batch(prompts[i:i + batch_size], answers[i:i + batch_size])
+        with torch.no_grad(), KeyGradTrace(adapter.model, modules, adapter.key_rows(batch, modules), keep_grads=False) as t:
+            adapter.answer_logits(batch)
+        moments.add(t.keys)
+    return moments
+
+
 def corpus_identity(model: nn.Module, corpus: Corpus) -> dict:
     """What the sampled texts depend on: the model (family, sizes, a sample of its embeddings) and the corpus."""
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
@@ -152,3 +166,16 @@ def key_moments(model: nn.Module, tokenizer, modules: Sequence[str], corpus: Cor
             manifest["tokens"] = moments.count
             io.write_json(tmp / "manifest.json", manifest)
     return moments
+
+
+def key_prior(second_moment: torch.Tensor, mix: float = 1.0) -> torch.Tensor:
+    """A regulariser's shape from the keys' second moment C: ``(1 - mix) I + mix C / (tr C / a)``.
+
+    Scaled to mean eigenvalue 1, the matrix has the identity's trace, so a regulariser lambda
+    learned with the identity (MALMEN's lambda I) keeps its overall strength; only its direction
+    changes, heavier where ordinary text's keys point and lighter where they seldom do."""
+    c = second_moment.double()
+    a = c.shape[0]
+    scaled = c * (a / c.diagonal().sum().clamp_min(1e-30))
+    eye = torch.eye(a, dtype=c.dtype, device=c.device)
+    return (1.0 - mix) * eye + mix * scaled

@@ -44,6 +44,22 @@ def positive(text: str) -> float:
     return value
 
 
+def regulariser(text: str) -> str:
+    """An option's type: the normal equation's regulariser shape (editor.REGULARISERS, written
+    here too so that parsing needs no torch)."""
+    if text not in ("identity", "keys"):
+        raise argparse.ArgumentTypeError(f"choose identity or keys, not {text}")
+    return text
+
+
+def fraction(text: str) -> float:
+    """An option's type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {text}")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     """A setting of a method, offered on the command line as ``--flag`` (its dest is the key)."""
@@ -111,6 +127,11 @@ FT_OPTIONS = (
     Option("--ft-lr", float, 5e-3, "ft/ft-l: Adam learning rate"),
 )
 
+STATS_TEXTS = Option("--stats-texts", int, 512, "memit, alphaedit, malmen with --regulariser keys: texts of 128 "
+                     "tokens sampled from the model for the key statistics C (or facts of --stats-data)")
+STATS_DIR = Option("--stats-dir", str, "~/.cache/malmen", "memit, alphaedit, malmen with --regulariser keys: "
+                   "where key statistics are cached")
+
 LOCATE_OPTIONS = (
     # defaults: MEMIT's GPT-J settings but the layers (memit.default_layers), the corpus (keystats.py) and λ:
     # GPT-J's 15,000 barely edits SmolLM2 (ES 0.31 at n = 64); 1,000 and the null-space threshold come from
@@ -121,8 +142,8 @@ LOCATE_OPTIONS = (
     Option("--memit-lambda", float, 1000.0, "memit: weight of the key statistics C against the facts' keys"),
     Option("--null-threshold", float, 2e-2, "alphaedit: eigenvalues of C below this span the preserved null space"),
     Option("--alpha-l2", float, 10.0, "alphaedit: ridge term of the projected solve"),
-    Option("--stats-texts", int, 512, "memit/alphaedit: texts of 128 tokens sampled from the model for C"),
-    Option("--stats-dir", str, "~/.cache/malmen", "memit/alphaedit: where key statistics are cached"),
+    STATS_TEXTS,
+    STATS_DIR,
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -130,7 +151,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "(per layer, or jointly over the layers for an editor trained with --method joint)",
            trained=True, aggregations=("malmen", "joint"), device_map=True,
            options=(Option("--lambda-scale", positive, 1.0, "malmen: multiply the editor's learned regularisers by this "
-                           "(above 1: unrelated inputs move less; below 1: the facts are written harder)"),)),
+                           "(above 1: unrelated inputs move less; below 1: the facts are written harder)"),
+                    Option("--regulariser", regulariser, None, "malmen: the shape of the regulariser lambda P: identity "
+                           "(the paper) or keys (P = the keys' second moment over text the model samples, cached in "
+                           "--stats-dir; ordinary inputs' directions move least) (default: as the editor was trained)"),
+                    Option("--prior-mix", fraction, None, "malmen: with --regulariser keys, P = (1 - mix) I + mix "
+                           "E[k kᵀ] (scaled to mean eigenvalue 1) (default: as the editor was trained)"),
+                    Option("--stats-data", str, None, "malmen with --regulariser keys: take the key statistics at "
+                           "the answer positions of this fact file's locality prompts (its train part, the first "
+                           "--stats-texts), not from text the model samples"),
+                    STATS_TEXTS, STATS_DIR)),
     Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
            trained=True, aggregations=("sum",), device_map=True),
     Method("ft", "baselines.ft:from_method", "fine-tune the edited layers on the facts (Adam)", options=FT_OPTIONS),

@@ -81,10 +81,17 @@ class NormalEquation:
     column, not 16,384).  Past a / 2 tokens, where the fp64 dual would cost about what the sums
     do, it folds them into the fp64 sums A = K^T K and B = K^T D and goes on streaming, so memory
     never grows beyond the sums.  Both forms give the same S* and the same backward
-    (test_solver.py).  ``statistics`` always answers with the sums (folding first)."""
+    (test_solver.py).  ``statistics`` always answers with the sums (folding first).
 
-    def __init__(self, a: int, b: int, device: torch.device | str = "cpu"):
+    ``prior``: the regulariser's shape P in lambda |S|_P^2 = lambda tr(S^T P S), an SPD a x a
+    matrix; None is the paper's identity.  With P = E[k k^T] over ordinary text (scaled to mean
+    eigenvalue 1, keystats.py) the solve spends its freedom where unrelated inputs' keys seldom
+    point: (K^T K + lambda P) S* = K^T D, MEMIT's weighting inside MALMEN's solve.  A shaped
+    regulariser always takes the primal form."""
+
+    def __init__(self, a: int, b: int, device: torch.device | str = "cpu", prior: torch.Tensor | None = None):
         self.a, self.b, self.device = a, b, device
+        self.prior = None if prior is None else prior.to(device, torch.float64)
         self.keys: list[torch.Tensor] = []    # dual form: the tokens' keys, as traced ...
         self.diffs: list[torch.Tensor] = []   # ... and their value differences, fp32
         self.A: torch.Tensor | None = None    # primal form: fp64 sums (None while dual)
@@ -95,7 +102,7 @@ class NormalEquation:
         # the hyper-network may run on another device than this module's (a model spread by a device map)
         keys, d = t.keys.to(self.device), t.differences().float().to(self.device)
         self.tokens += keys.shape[0]
-        if self.A is None and 2 * self.tokens <= self.a:
+        if self.A is None and self.prior is None and 2 * self.tokens <= self.a:
             self.keys.append(keys)
             self.diffs.append(d)
             return
@@ -136,26 +143,32 @@ class NormalEquation:
             X = torch.cholesky_solve(D.double(), factor)
             return DualSolution(Kd.t() @ X, K, factor, lam)
         self.fold()  # with no tokens at all, the sums are zero and S* = 0
+        lam = torch.as_tensor(lam, dtype=torch.float64, device=self.A.device)
         matrix = self.A.clone()
-        matrix.diagonal().add_(torch.as_tensor(lam, dtype=torch.float64, device=matrix.device))
+        if self.prior is None:
+            matrix.diagonal().add_(lam)
+        else:
+            matrix.add_(lam * self.prior)
         factor = cholesky(matrix)
         del matrix
-        return NormalSolution(torch.cholesky_solve(self.B, factor), factor)
+        return NormalSolution(torch.cholesky_solve(self.B, factor), factor, self.prior)
 
 
 @dataclass
 class NormalSolution:
     shift64: torch.Tensor   # S* in fp64
-    factor: torch.Tensor    # Cholesky factor of A + lambda I, kept for the backward
+    factor: torch.Tensor    # Cholesky factor of A + lambda P, kept for the backward
+    prior: torch.Tensor | None = None  # P (None: the identity)
 
     @property
     def shift(self) -> torch.Tensor:
         return self.shift64.float()
 
     def backward(self, grad_shift: torch.Tensor) -> "NormalAdjoint":
-        """Given G = dL/dS*: M = (A + lambda I)^-1 G and dL/dlambda = -<M, S*>."""
+        """Given G = dL/dS*: M = (A + lambda P)^-1 G and dL/dlambda = -<M, P S*>."""
         M = torch.cholesky_solve(grad_shift.double(), self.factor)
-        return NormalAdjoint(M.float(), -(M * self.shift64).sum().float())
+        weighted = self.shift64 if self.prior is None else self.prior @ self.shift64
+        return NormalAdjoint(M.float(), -(M * weighted).sum().float())
 
 
 @dataclass
@@ -190,7 +203,9 @@ class NormalAdjoint:
 class SumAggregation:
     """MEND's aggregation for one module: S = -eta sum_j k~_j g~_j^T (no regulariser)."""
 
-    def __init__(self, a: int, b: int, device: torch.device | str = "cpu"):
+    def __init__(self, a: int, b: int, device: torch.device | str = "cpu", prior: torch.Tensor | None = None):
+        if prior is not None:
+            raise ValueError("MEND's sum aggregation has no regulariser to shape (regulariser: identity)")
         self.B = torch.zeros(a, b, dtype=torch.float64, device=device)
         self.tokens = 0
 
@@ -231,12 +246,16 @@ class PerModule:
     """Each module aggregated on its own (``cls``: NormalEquation or SumAggregation)."""
 
     def __init__(self, cls, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu",
-                 placement: Mapping[str, torch.device | str] | None = None):
+                 placement: Mapping[str, torch.device | str] | None = None,
+                 priors: Mapping[str, torch.Tensor] | None = None):
         """``placement``: a device per module, where its sums and shift live (a model spread over
-        devices keeps them beside the module's weight); modules it does not name use ``device``."""
+        devices keeps them beside the module's weight); modules it does not name use ``device``.
+        ``priors``: each module's regulariser shape (NormalEquation's ``prior``)."""
         self.device = torch.device(device)
         placement = placement or {}
-        self.parts = {name: cls(a, b, torch.device(placement.get(name, device))) for name, (a, b) in shapes.items()}
+        shaped = {name: {"prior": p} for name, p in (priors or {}).items()}
+        self.parts = {name: cls(a, b, torch.device(placement.get(name, device)), **shaped.get(name, {}))
+                      for name, (a, b) in shapes.items()}
 
     def sums_nbytes(self) -> int:
         """Memory of the fp64 sums of every module."""
@@ -298,7 +317,9 @@ class JointNormalEquation:
     module's weight when they are applied."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu",
-                 placement: Mapping[str, torch.device | str] | None = None):
+                 placement: Mapping[str, torch.device | str] | None = None,
+                 priors: Mapping[str, torch.Tensor] | None = None):
+        """``priors``: each module's regulariser shape P_l (lambda_l P_l in place of lambda_l I)."""
         values = {b for _, b in shapes.values()}
         if len(values) != 1:
             raise ValueError(f"a joint solve needs modules of one output size, got {sorted(values)}")
@@ -308,7 +329,15 @@ class JointNormalEquation:
         total, b = sum(self.sizes), values.pop()
         self.A = torch.zeros(total, total, dtype=torch.float64, device=device)
         self.B = torch.zeros(total, b, dtype=torch.float64, device=device)
+        self.priors = {n: p.to(self.device, torch.float64) for n, p in (priors or {}).items()}
         self.tokens = 0
+
+    def regulariser(self, lams: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The block-diagonal diag(lambda_l P_l) (P_l = I where no prior is given)."""
+        blocks = [torch.as_tensor(lams[n], dtype=torch.float64, device=self.device) *
+                  self.priors.get(n, torch.eye(a, dtype=torch.float64, device=self.device))
+                  for n, a in zip(self.names, self.sizes)]
+        return torch.block_diag(*blocks)
 
     def sums_nbytes(self) -> int:
         """Memory of the fp64 sums."""
@@ -336,10 +365,13 @@ class JointNormalEquation:
         self.B.add_(stats["joint/B"].to(self.B), alpha=sign)
 
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "JointSolution":
-        diagonal = torch.cat([torch.as_tensor(lams[n], dtype=self.A.dtype, device=self.A.device).expand(a)
-                              for n, a in zip(self.names, self.sizes)])
-        matrix = self.A.clone()
-        matrix.diagonal().add_(diagonal)
+        if self.priors:
+            matrix = self.A + self.regulariser(lams)
+        else:
+            diagonal = torch.cat([torch.as_tensor(lams[n], dtype=self.A.dtype, device=self.A.device).expand(a)
+                                  for n, a in zip(self.names, self.sizes)])
+            matrix = self.A.clone()
+            matrix.diagonal().add_(diagonal)
         factor = cholesky(matrix)
         del matrix
         return JointSolution(self, torch.cholesky_solve(self.B, factor), factor)
@@ -359,10 +391,12 @@ class JointSolution:
         return {name: s.float() for name, s in self._split(self.shift64).items()}
 
     def backward(self, G: Mapping[str, torch.Tensor]) -> "JointAdjoint":
-        """M = (A + Lambda)^-1 [G_1; ...; G_L]; dL/dlambda_l = -<M_l, S_l>."""
+        """M = (A + Lambda)^-1 [G_1; ...; G_L]; dL/dlambda_l = -<M_l, P_l S_l>."""
         M = torch.cholesky_solve(torch.cat([G[n].double() for n in self.owner.names]), self.factor)
         parts, shifts = self._split(M), self._split(self.shift64)
-        dlam = {name: -(parts[name] * shifts[name]).sum().float() for name in self.owner.names}
+        priors = self.owner.priors
+        dlam = {name: -(parts[name] * (priors[name] @ shifts[name] if name in priors else shifts[name])).sum().float()
+                for name in self.owner.names}
         return JointAdjoint(self.owner, M.float(), dlam)
 
 
@@ -379,7 +413,7 @@ class JointAdjoint:
 
 
 def _per_module(cls):
-    return lambda shapes, device="cpu", placement=None: PerModule(cls, shapes, device, placement)
+    return lambda shapes, device="cpu", placement=None, priors=None: PerModule(cls, shapes, device, placement, priors)
 
 
 AGGREGATIONS = {"malmen": _per_module(NormalEquation), "sum": _per_module(SumAggregation), "joint": JointNormalEquation}

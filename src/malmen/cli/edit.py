@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
-                     checked_method, load, main_process, method_options, progress, seed)
+                     checked_method, checked_stats_data, load, main_process, method_options, progress, seed)
 
 
 def add_parser(sub) -> None:
@@ -53,6 +53,7 @@ def check_file(args: argparse.Namespace, probe_size: int = 32) -> Checked:
 def run(args: argparse.Namespace) -> int:
     method = checked_method(args.method, args.editor)
     checked_device_map(args, method)
+    checked_stats_data(args)
     if args.dry_run and not method.trained:
         raise UsageError(f"--dry-run estimates trained editors, not --method {method.name}")
     if args.patch_out and method.name != "malmen":

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
-                     checked_method, load, main_process, method_options, read_facts, seed, write_result)
+                     checked_method, checked_stats_data, load, main_process, method_options, read_facts, seed, write_result)
 
 
 def add_parser(sub) -> None:
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     method = checked_method(args.method, args.editor)
     checked_device_map(args, method)
+    checked_stats_data(args)
     facts = read_facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups,
                        fmt=args.format)[args.skip:]
     if not facts:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 from pathlib import Path
 
+from ..methods import fraction
 from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, load, read_facts, seed
 
 
@@ -32,6 +34,15 @@ def add_parser(sub) -> None:
                         "the position predicting the first answer token (first), or the prompt's last subject token "
                         "(subject, MEMIT's; the last prompt token where a fact names no subject); with --init-editor, "
                         "the editor's own unless given")
+    t.add_argument("--regulariser", choices=["identity", "keys"],
+                   help="shape of the normal equation's regulariser lambda P: identity (the paper's; the default of "
+                        "a new editor) or keys (P = the keys' second moment over text the model samples, cached in "
+                        "~/.cache/malmen); with --init-editor, the editor's own unless given")
+    t.add_argument("--stats-data", help="with --regulariser keys: take the key statistics at the answer positions of "
+                   "this fact file's locality prompts (its train part, the first --stats-texts; the same file must "
+                   "be given when the editor edits), not from text the model samples")
+    t.add_argument("--stats-texts", type=int, default=512, help="texts (or --stats-data facts) for the key statistics")
+    t.add_argument("--prior-mix", type=fraction, help="with --regulariser keys: P = (1 - mix) I + mix E[k kᵀ] (default 1)")
     t.add_argument("--rank", type=int, default=256, help="rank of the hyper-network's blocks (the paper: 1920 on GPT-J)")
     t.add_argument("--blocks", type=int, default=2, help="residual blocks of the hyper-network")
     t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")
@@ -76,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.val_data and args.no_split:
         val = train[-args.val_n:]
         train = train[:-args.val_n]
+    stats_facts = None
+    if args.stats_data:
+        stats_facts = read_facts(args.stats_data, args.target, split="train", limit=args.stats_texts, fmt=args.format)
     seed(args)
     model, tok = load(args)
     trainer = build_trainer(args, model, tok, train, val)
+    trainer.editor.stats_facts = stats_facts
+    trainer.editor.corpus = dataclasses.replace(trainer.editor.corpus, texts=args.stats_texts)
     return fit(args, trainer)
 
 
@@ -100,11 +116,17 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
             editor.config.hyper_precision = args.hyper_precision
             if args.keys:
                 editor.config.keys = args.keys
+            if args.regulariser:
+                editor.config.regulariser = args.regulariser
+            if args.prior_mix is not None:
+                editor.config.prior_mix = args.prior_mix
         else:
             config = EditorConfig(modules=args.modules or [], aggregation=aggregation or "malmen",
                                   hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
                                   lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size,
-                                  keys=args.keys or "answer", hyper_precision=args.hyper_precision)
+                                  keys=args.keys or "answer", hyper_precision=args.hyper_precision,
+                                  regulariser=args.regulariser or "identity",
+                                  prior_mix=1.0 if args.prior_mix is None else args.prior_mix)
             editor = MalmenEditor(model, tok, config)
         tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
                          c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
