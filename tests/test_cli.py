@@ -254,6 +254,19 @@ def test_train_with_a_keys_shaped_regulariser_saves_it_and_learns_lambda(workspa
     assert lams and any(not torch.equal(old[k], new[k]) for k in lams)
 
 
+def test_train_widens_an_editors_rank_and_refuses_to_narrow_it(workspace, trained, capsys):
+    w = workspace
+    start = json.loads((trained / "best" / "editor.json").read_text())["trainer"]["step"]
+    args = ["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+            "--init-editor", str(trained / "best"), "--n-edits", "8", "--val-every", "1", "--val-n", "8",
+            "--lm-batch-size", "4", "--steps", str(start + 1)]
+    assert main([*args, "--rank", "12", "--out", str(w / "wide")]) == 0
+    meta = json.loads((w / "wide" / "last" / "editor.json").read_text())
+    assert meta["config"]["hyper"]["rank"] == 12 and meta["widened"] == {"from_rank": 8, "to_rank": 12}
+    assert main([*args, "--rank", "4", "--out", str(w / "narrow")]) == 2
+    assert "an editor can only be widened" in capsys.readouterr().err and not (w / "narrow").exists()
+
+
 def test_train_continues_from_an_editor(workspace, trained):
     w = workspace
     start = json.loads((trained / "best" / "editor.json").read_text())["trainer"]["step"]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from malmen.hypernet import HyperConfig, HyperNetwork, Normaliser
@@ -89,3 +90,21 @@ def test_transplant_refuses_a_wrong_source():
         old.transplant({"c": (6, 4)}, {"c": "b"})
     with pytest.raises(ValueError, match="not one of"):
         old.transplant({"c": (6, 4)}, {"c": "zz"})
+
+
+def test_widening_keeps_every_output_and_gives_the_new_rank_gradients():
+    shapes = {"a": (6, 4), "b": (6, 4), "c": (5, 3)}
+    net = _trained(shapes)
+    wide = net.widened(7)
+    assert wide.config.rank == 7 and all(b.U.shape[1] == 7 and b.V.shape[0] == 7 for n in wide.nets.values() for b in n.blocks)
+    for name, (a, b) in shapes.items():
+        keys, grads = torch.randn(9, a), torch.randn(9, b)
+        for x, y in zip(net(name, keys, grads), wide(name, keys, grads)):
+            assert torch.allclose(x, y, atol=1e-5)
+        assert torch.equal(wide.eta(name), net.eta(name)) and torch.equal(wide.lam(name), net.lam(name))
+    pk, pg = wide("a", torch.randn(5, 6), torch.randn(5, 4))
+    (pk.sum() + (pg ** 2).sum()).backward()
+    block = wide.nets["6x4"].blocks[0]
+    assert block.V.grad[3:].abs().sum() > 0  # the new rows of V learn at once
+    with pytest.raises(ValueError, match="only be widened"):
+        wide.widened(2)

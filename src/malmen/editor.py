@@ -386,6 +386,15 @@ class MalmenEditor:
                                                              "eta_factor": eta_factor}}
         return editor
 
+    def widened(self, rank: int) -> "MalmenEditor":
+        """This editor with hyper-network blocks of a higher ``rank`` and the same shifts, to continue
+        meta-training (``HyperNetwork.widened``)."""
+        hypernet = self.hypernet.widened(rank)
+        config = EditorConfig.from_dict({**self.config.to_dict(), "hyper": hypernet.config.to_dict()})
+        editor = MalmenEditor(self.model, self.adapter.tokenizer, config, hypernet, self.adapter)
+        editor.metadata = {**self.metadata, "widened": {"from_rank": self.config.hyper.rank, "to_rank": rank}}
+        return editor
+
     # --- persistence (safetensors + JSON, Hugging Face style)
     def save_pretrained(self, path: str | Path, extra: dict | None = None,
                         tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:

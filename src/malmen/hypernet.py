@@ -187,6 +187,32 @@ class HyperNetwork(nn.Module):
         return new
 
 
+    @torch.no_grad()
+    def widened(self, rank: int) -> "HyperNetwork":
+        """The same function with blocks of a higher ``rank``, to continue meta-training.
+
+        Each block's U gains fresh columns (initialised as a new block's) and V as many zero rows,
+        so y U V, and with it every output, is unchanged; the new rows of V get gradients at once
+        and the new columns of U once those rows move, as in a new block (V = 0 at init)."""
+        config = HyperConfig(**{**self.config.to_dict(), "rank": rank})
+        new = HyperNetwork(self.shapes, config)
+        for key, net in new.nets.items():
+            old = self.nets[key]
+            net.normaliser.load_state_dict(old.normaliser.state_dict())
+            for block, was in zip(net.blocks, old.blocks):
+                r = was.U.shape[1]
+                if block.U.shape[1] < r:
+                    raise ValueError(f"rank {rank} is below this network's {r}: it can only be widened")
+                block.U[:, :r] = was.U
+                block.V.zero_()
+                block.V[:r] = was.V
+                for name in ("c", "scale", "shift"):
+                    getattr(block, name).copy_(getattr(was, name))
+        new.log_eta.copy_(self.log_eta)
+        new.log_lambda.copy_(self.log_lambda)
+        return new
+
+
 def nearest_sources(order: Sequence[str], shapes: dict[str, tuple[int, int]],
                     old_shapes: dict[str, tuple[int, int]]) -> dict[str, str]:
     """For each new module, the old module of the same shape nearest to it in ``order``.

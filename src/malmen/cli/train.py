@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                    "be given when the editor edits), not from text the model samples")
     t.add_argument("--stats-texts", type=int, default=512, help="texts (or --stats-data facts) for the key statistics")
     t.add_argument("--prior-mix", type=fraction, help="with --regulariser keys: P = (1 - mix) I + mix E[k kᵀ] (default 1)")
-    t.add_argument("--rank", type=int, default=256, help="rank of the hyper-network's blocks (the paper: 1920 on GPT-J)")
+    t.add_argument("--rank", type=int, help="rank of the hyper-network's blocks (default 256; the paper: 1920 on GPT-J); "
+                   "with --init-editor, a higher rank widens the editor's blocks (the same shifts at the start)")
     t.add_argument("--blocks", type=int, default=2, help="residual blocks of the hyper-network")
     t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")
     t.add_argument("--steps", type=int, default=1000, help="train until this step (counted over resumes)")
@@ -76,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
         from ..registry import editor_config
 
         try:
-            editor_config(args.init_editor)
+            rank = editor_config(args.init_editor)["config"].get("hyper", {}).get("rank", 256)
         except (ValueError, FileNotFoundError) as err:
             raise UsageError(str(err)) from None
+        if args.rank is not None and args.rank < rank:
+            raise UsageError(f"--rank {args.rank}: {args.init_editor} has rank {rank}; an editor can only be widened")
     train = []
     for path in args.data:
         train += read_facts(path, args.target, split=None if args.no_split else "train", fmt=args.format)
@@ -106,12 +109,14 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
 
     try:
         aggregation = {"mend": "sum"}.get(args.method, args.method)
-        if args.init_editor:  # its rank wins over the flags; its aggregation and keys unless given
+        if args.init_editor:  # its aggregation, keys and rank unless given (a rank can only grow)
             editor = MalmenEditor.from_pretrained(args.init_editor, model, tok)
             if aggregation:
                 editor.config.aggregation = aggregation
             if args.modules and list(args.modules) != editor.modules:
                 editor = editor.transplanted(args.modules, args.eta_factor)
+            if args.rank is not None and args.rank != editor.config.hyper.rank:
+                editor = editor.widened(args.rank)
             editor.config.lm_batch_size, editor.config.hyper_batch_size = args.lm_batch_size, args.hyper_batch_size
             editor.config.hyper_precision = args.hyper_precision
             if args.keys:
@@ -122,7 +127,7 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
                 editor.config.prior_mix = args.prior_mix
         else:
             config = EditorConfig(modules=args.modules or [], aggregation=aggregation or "malmen",
-                                  hyper=HyperConfig(rank=args.rank, n_blocks=args.blocks),
+                                  hyper=HyperConfig(rank=args.rank or 256, n_blocks=args.blocks),
                                   lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size,
                                   keys=args.keys or "answer", hyper_precision=args.hyper_precision,
                                   regulariser=args.regulariser or "identity",
