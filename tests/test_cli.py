@@ -338,4 +338,5 @@ def test_edit_with_a_fine_tuning_baseline_saves_a_bounded_change(workspace, tmp_
 def test_help_shows_defaults():
     r = run_cli("train", "--help")
     text = " ".join(r.stdout.split())  # argparse wraps lines
-    assert r.returncode == 0 and "(default: 256)" in text and "(default: smollm2-135m)" in text
+    assert r.returncode == 0 and "(default: 1000)" in text and "(default: 256, or the editor's)" in text
+    assert "(default: smollm2-135m)" in text

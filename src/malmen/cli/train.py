@@ -43,8 +43,9 @@ def add_parser(sub) -> None:
                    "be given when the editor edits), not from text the model samples")
     t.add_argument("--stats-texts", type=int, default=512, help="texts (or --stats-data facts) for the key statistics")
     t.add_argument("--prior-mix", type=fraction, help="with --regulariser keys: P = (1 - mix) I + mix E[k kᵀ] (default 1)")
-    t.add_argument("--rank", type=int, help="rank of the hyper-network's blocks (default 256; the paper: 1920 on GPT-J); "
-                   "with --init-editor, a higher rank widens the editor's blocks (the same shifts at the start)")
+    t.add_argument("--rank", type=int, help="rank of the hyper-network's blocks (the paper: 1920 on GPT-J); with "
+                   "--init-editor, a higher rank widens the editor's blocks, the same shifts at the start "
+                   "(default: 256, or the editor's)")
     t.add_argument("--blocks", type=int, default=2, help="residual blocks of the hyper-network")
     t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")
     t.add_argument("--steps", type=int, default=1000, help="train until this step (counted over resumes)")
