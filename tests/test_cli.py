@@ -92,11 +92,11 @@ def test_eval_with_a_keys_shaped_regulariser_reports_what_the_library_computes(w
     w, results = workspace, workspace / "results-keys.json"
     assert main(["eval", "--model", str(w / "model"), "--editor", str(trained / "best"), "--data", str(w / "val.jsonl"),
                  "--n-edits", "8", "--no-generate", "--regulariser", "keys", "--stats-data", str(w / "train.jsonl"),
-                 "--stats-texts", "40", "--lambda-scale", "2", "--out", str(results)]) == 0
+                 "--stats-texts", "40", "--prior-mix", "0.5", "--lambda-scale", "2", "--out", str(results)]) == 0
     r = json.loads(results.read_text())
     model, tok = load_tiny(w)
     editor = MalmenEditor.from_pretrained(trained / "best", model, tok)
-    editor.config.regulariser, editor.config.lambda_scale = "keys", 2.0
+    editor.config.regulariser, editor.config.prior_mix, editor.config.lambda_scale = "keys", 0.5, 2.0
     editor.stats_facts = [f for f in load_facts(w / "train.jsonl", split="train")][:40]
     reference = evaluate(editor, list(load_facts(w / "val.jsonl"))[:8], 8, generate=False)
     plain = evaluate(MalmenEditor.from_pretrained(trained / "best", model, tok), list(load_facts(w / "val.jsonl"))[:8], 8,
@@ -245,9 +245,10 @@ def test_train_with_a_keys_shaped_regulariser_saves_it_and_learns_lambda(workspa
     assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
                  "--init-editor", str(trained / "best"), "--out", str(w / "shaped"), "--n-edits", "8",
                  "--steps", str(before + 2), "--val-every", "2", "--val-n", "8", "--lm-batch-size", "4",
-                 "--regulariser", "keys", "--stats-data", str(w / "train.jsonl"), "--stats-texts", "80"]) == 0
+                 "--regulariser", "keys", "--stats-data", str(w / "train.jsonl"), "--stats-texts", "80",
+                 "--prior-mix", "0.5"]) == 0
     config = json.loads((w / "shaped" / "last" / "editor.json").read_text())["config"]
-    assert config["regulariser"] == "keys" and config["prior_mix"] == 1.0
+    assert config["regulariser"] == "keys" and config["prior_mix"] == 0.5
     from safetensors.torch import load_file
     old, new = load_file(trained / "best" / "editor.safetensors"), load_file(w / "shaped" / "last" / "editor.safetensors")
     lams = [k for k in new if "lam" in k]

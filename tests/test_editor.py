@@ -242,5 +242,11 @@ def test_a_keys_shaped_regulariser_uses_the_key_statistics_and_is_saved(tmp_path
     shaped.save_pretrained(tmp_path / "ed")
     loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
     assert loaded.config.regulariser == "keys" and loaded.config.prior_mix == 1.0
+    few = MalmenEditor(model, tok, EditorConfig(regulariser="keys", **config), hypernet=plain.hypernet)
+    few.stats_facts = facts[:3]  # three locality answers: far fewer keys than the key size
+    with pytest.raises(ValueError, match="fewer than the key size"):
+        few.shifts(facts)
+    few.config.prior_mix = 0.5  # the identity's share keeps P positive definite
+    assert all(torch.isfinite(s).all() for s in few.shifts(facts).values())
     with pytest.raises(ValueError, match="regulariser must be one of"):
         MalmenEditor(model, tok, EditorConfig(regulariser="diagonal", **config))

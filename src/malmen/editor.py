@@ -272,6 +272,11 @@ class MalmenEditor:
                                          batch_size=self.config.lm_batch_size)
             else:
                 moments = key_moments(self.model, self.adapter.tokenizer, self.modules, self.corpus, cache=self.stats_dir)
+            a = max(self.hypernet.shapes[m][0] for m in self.modules)
+            if self.config.prior_mix == 1.0 and moments.count < a:  # C of fewer keys is singular: some directions free
+                raise ValueError(f"key statistics of {moments.count} keys, fewer than the key size {a}: the "
+                                 "regulariser would leave directions unregularised; give more texts or facts, or a "
+                                 "prior mix below 1")
             self._priors = {m: key_prior(moments.mean(m), self.config.prior_mix) for m in self.modules}
         return self._priors
 
