@@ -13,6 +13,18 @@ def random_problem(n=7, a=5, b=3, seed=0):
     return keys, pkeys, pgrads, G
 
 
+def assert_like_autograd(solution, S, G, lam_r, keys, pkeys, pgrads, eta, pk, pg, atol=1e-6):
+    """The solution's shift, lambda-gradient and surrogate gradients equal autograd's (S from
+    leaves lam_r, pk, pg after ``(S * G).sum().backward()``)."""
+    assert torch.allclose(solution.shift.double(), S.detach(), atol=atol)
+    adjoint = solution.backward(G)
+    assert torch.allclose(adjoint.dlam.double(), lam_r.grad, rtol=1e-4)
+    pk2, pg2 = pkeys.float().requires_grad_(), pgrads.float().requires_grad_()
+    adjoint.surrogate(Tokens(keys, pk2, pg2, eta.float())).backward()
+    assert torch.allclose(pk2.grad.double(), pk.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(pg2.grad.double(), pg.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_backward_through_solve_matches_autograd():
     keys, pkeys, pgrads, G = random_problem()
     eta = torch.tensor(0.3, dtype=torch.float64)
@@ -57,13 +69,7 @@ def test_dual_form_below_the_key_size_equals_autograd_and_the_primal_form():
     solutions = dual.solve(lam), primal.solve(lam)
     assert type(solutions[0]).__name__ == "DualSolution"
     for solution in solutions:
-        assert torch.allclose(solution.shift.double(), S.detach(), atol=1e-6)
-        adjoint = solution.backward(G)
-        assert torch.allclose(adjoint.dlam.double(), lam_r.grad, rtol=1e-4)
-        pk2, pg2 = pkeys.float().requires_grad_(), pgrads.float().requires_grad_()
-        adjoint.surrogate(Tokens(keys, pk2, pg2, eta.float())).backward()
-        assert torch.allclose(pk2.grad.double(), pk.grad, rtol=1e-4, atol=1e-5)
-        assert torch.allclose(pg2.grad.double(), pg.grad, rtol=1e-4, atol=1e-5)
+        assert_like_autograd(solution, S, G, lam_r, keys, pkeys, pgrads, eta, pk, pg)
 
 
 def test_a_shaped_regulariser_solves_and_differentiates_like_autograd():
@@ -83,14 +89,7 @@ def test_a_shaped_regulariser_solves_and_differentiates_like_autograd():
         agg = NormalEquation(a, 3, prior=prior.float())
         agg.accumulate(Tokens(keys, pkeys, pgrads, eta))
         assert agg.A is not None  # the primal form from the first token
-        solution = agg.solve(lam)
-        assert torch.allclose(solution.shift.double(), S.detach(), atol=1e-5)
-        adjoint = solution.backward(G)
-        assert torch.allclose(adjoint.dlam.double(), lam_r.grad, rtol=1e-4)
-        pk2, pg2 = pkeys.float().requires_grad_(), pgrads.float().requires_grad_()
-        adjoint.surrogate(Tokens(keys, pk2, pg2, eta.float())).backward()
-        assert torch.allclose(pk2.grad.double(), pk.grad, rtol=1e-4, atol=1e-5)
-        assert torch.allclose(pg2.grad.double(), pg.grad, rtol=1e-4, atol=1e-5)
+        assert_like_autograd(agg.solve(lam), S, G, lam_r, keys, pkeys, pgrads, eta, pk, pg, atol=1e-5)
 
 
 def test_the_identity_as_prior_is_the_papers_solve_and_priors_reach_each_module():
