@@ -14,7 +14,8 @@ dimensions of all of them (six 1,536-dimensional layers: 9,216) to place the fac
 Each aggregation is used the same way, over all edited modules at once; every step returns its
 result instead of keeping it, so nothing carries over from one call to the next:
 
-    agg = AGGREGATIONS[name](shapes, device)   # empty sums (``placement=``: a device per module)
+    agg = AGGREGATIONS[name](shapes, device)   # empty sums (``placement=``: a device per module;
+                                               # ``priors=``: a regulariser shape P per module, lambda P)
     agg.accumulate(chunk)                      # chunk: {module: Tokens}, the same tokens in each
     agg.statistics() / agg.add_statistics(s)   # the sums by name: save them, add another's
     solution = agg.solve(lams)                 # solution.shifts: {module: S (a x b), fp32}
