@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import distributed, io, linear, registry
+from .methods import REGULARISERS
 from .facts import Fact, distinct
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .adapters import Adapter, Batch, adapter_for
@@ -31,7 +32,6 @@ from .solver import AGGREGATIONS, Tokens
 from .timing import timed
 from .tracing import KeyGradTrace
 
-REGULARISERS = ("identity", "keys")
 FORMAT = registry.FORMAT
 VERSION = 1
 
@@ -243,7 +243,7 @@ class MalmenEditor:
         self.stats_dir: str | None = "~/.cache/malmen"  # where key statistics are cached (None: not at all)
         self.corpus = Corpus()                            # the text they are taken over (regulariser 'keys') ...
         self.stats_facts: list[Fact] | None = None        # ... or these facts' locality prompts, where given
-        self._priors: dict[str, torch.Tensor] | None = None
+        self._moments: tuple[tuple, dict] | None = None   # (source, {module: E[k kᵀ]}): the statistics, once
 
     @property
     def modules(self) -> list[str]:
@@ -259,11 +259,22 @@ class MalmenEditor:
         None for the paper's identity; for ``regulariser='keys'`` the second moment of the module's
         keys, scaled to mean eigenvalue 1: at the answer positions of ``stats_facts``' locality
         prompts where given (keystats.answer_moments), else over text the model samples itself
-        (``corpus``, keystats.key_moments; cached in ``stats_dir``).  Computed on first use from
-        the model as it is then, and kept: they describe the unedited model's inputs."""
+        (``corpus``, keystats.key_moments; cached in ``stats_dir``).  The statistics are taken on
+        first use from the model as it is then, and kept: they describe the unedited model's inputs."""
         if self.config.regulariser == "identity":
             return None
-        if self._priors is None:
+        means, count = self.key_statistics()
+        a = max(self.hypernet.shapes[m][0] for m in self.modules)
+        if self.config.prior_mix == 1.0 and count < a:  # C of fewer keys is singular: some directions free
+            raise ValueError(f"key statistics of {count} keys, fewer than the key size {a}: the regulariser "
+                             "would leave directions unregularised; give more texts or facts, or a prior mix below 1")
+        return {m: key_prior(means[m], self.config.prior_mix) for m in self.modules}
+
+    def key_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
+        """E[k kᵀ] of every edited module and the number of keys behind it, from ``stats_facts``
+        or ``corpus`` (see ``priors``); computed once per source and kept."""
+        source = self._statistics_source()
+        if self._moments is None or self._moments[0] != source:
             if self.stats_facts is not None:
                 pairs = [(f.locality_prompt, f.locality_answer) for f in self.stats_facts if f.has_locality]
                 if not pairs:
@@ -272,22 +283,21 @@ class MalmenEditor:
                                          batch_size=self.config.lm_batch_size)
             else:
                 moments = key_moments(self.model, self.adapter.tokenizer, self.modules, self.corpus, cache=self.stats_dir)
-            a = max(self.hypernet.shapes[m][0] for m in self.modules)
-            if self.config.prior_mix == 1.0 and moments.count < a:  # C of fewer keys is singular: some directions free
-                raise ValueError(f"key statistics of {moments.count} keys, fewer than the key size {a}: the "
-                                 "regulariser would leave directions unregularised; give more texts or facts, or a "
-                                 "prior mix below 1")
-            self._priors = {m: key_prior(moments.mean(m), self.config.prior_mix) for m in self.modules}
-        return self._priors
+            self._moments = (source, ({m: moments.mean(m) for m in self.modules}, moments.count))
+        return self._moments[1]
+
+    def _statistics_source(self) -> tuple:
+        return id(self.stats_facts), self.corpus, tuple(self.modules)
 
     def prepare(self) -> float:
         """The one-time work before editing (methods.prepare): the key statistics a shaped
-        regulariser needs; its seconds (0 when none or cached)."""
-        if self.config.regulariser == "identity" or self._priors is not None:
+        regulariser needs; its seconds (0 when none or already computed)."""
+        if self.config.regulariser == "identity":
             return 0.0
+        kept = self._moments is not None and self._moments[0] == self._statistics_source()
         with timed(self.adapter.device) as took:
-            self.priors()
-        return took.seconds
+            self.priors()  # also refuses statistics too few for the key size, before any edit
+        return 0.0 if kept else took.seconds
 
     def new_aggregator(self):
         """Empty sufficient statistics of the editor's aggregation (solver.py), over all its modules,

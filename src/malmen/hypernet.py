@@ -186,7 +186,6 @@ class HyperNetwork(nn.Module):
             new.log_lambda[p] = self.log_lambda[q]
         return new
 
-
     @torch.no_grad()
     def widened(self, rank: int) -> "HyperNetwork":
         """The same function with blocks of a higher ``rank``, to continue meta-training.

@@ -44,11 +44,13 @@ def positive(text: str) -> float:
     return value
 
 
+REGULARISERS = ("identity", "keys")  # shapes of MALMEN's regulariser (editor.MalmenEditor.priors)
+
+
 def regulariser(text: str) -> str:
-    """An option's type: the normal equation's regulariser shape (editor.REGULARISERS, written
-    here too so that parsing needs no torch)."""
-    if text not in ("identity", "keys"):
-        raise argparse.ArgumentTypeError(f"choose identity or keys, not {text}")
+    """An option's type: the normal equation's regulariser shape."""
+    if text not in REGULARISERS:
+        raise argparse.ArgumentTypeError(f"choose {' or '.join(REGULARISERS)}, not {text}")
     return text
 
 

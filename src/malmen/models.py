@@ -17,7 +17,6 @@ from torch import nn
 from .registry import DEFAULT_MODEL, classifier_head
 
 
-
 # ---------------------------------------------------------------- loading
 
 def cache_dir() -> Path:

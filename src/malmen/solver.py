@@ -71,6 +71,21 @@ def cholesky(matrix: torch.Tensor) -> torch.Tensor:
     raise FloatingPointError("normal equation is not positive definite even with jitter (NaN in keys?)")
 
 
+def add_regulariser(matrix: torch.Tensor, lam: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    """matrix += lambda P in place (P None: the paper's identity, on the diagonal alone); a view
+    (one module's block of a joint system) is changed where it lies."""
+    if prior is None:
+        matrix.diagonal().add_(lam)
+    else:
+        matrix.add_(lam * prior)
+    return matrix
+
+
+def weighted(shift: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    """P S, the shift as the regulariser weighs it: dL/dlambda = -<M, P S>."""
+    return shift if prior is None else prior @ shift
+
+
 # ---------------------------------------------------------------- one module at a time
 
 class NormalEquation:
@@ -145,11 +160,7 @@ class NormalEquation:
             return DualSolution(Kd.t() @ X, K, factor, lam)
         self.fold()  # with no tokens at all, the sums are zero and S* = 0
         lam = torch.as_tensor(lam, dtype=torch.float64, device=self.A.device)
-        matrix = self.A.clone()
-        if self.prior is None:
-            matrix.diagonal().add_(lam)
-        else:
-            matrix.add_(lam * self.prior)
+        matrix = add_regulariser(self.A.clone(), lam, self.prior)
         factor = cholesky(matrix)
         del matrix
         return NormalSolution(torch.cholesky_solve(self.B, factor), factor, self.prior)
@@ -168,8 +179,7 @@ class NormalSolution:
     def backward(self, grad_shift: torch.Tensor) -> "NormalAdjoint":
         """Given G = dL/dS*: M = (A + lambda P)^-1 G and dL/dlambda = -<M, P S*>."""
         M = torch.cholesky_solve(grad_shift.double(), self.factor)
-        weighted = self.shift64 if self.prior is None else self.prior @ self.shift64
-        return NormalAdjoint(M.float(), -(M * weighted).sum().float())
+        return NormalAdjoint(M.float(), -(M * weighted(self.shift64, self.prior)).sum().float())
 
 
 @dataclass
@@ -333,13 +343,6 @@ class JointNormalEquation:
         self.priors = {n: p.to(self.device, torch.float64) for n, p in (priors or {}).items()}
         self.tokens = 0
 
-    def regulariser(self, lams: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The block-diagonal diag(lambda_l P_l) (P_l = I where no prior is given)."""
-        blocks = [torch.as_tensor(lams[n], dtype=torch.float64, device=self.device) *
-                  self.priors.get(n, torch.eye(a, dtype=torch.float64, device=self.device))
-                  for n, a in zip(self.names, self.sizes)]
-        return torch.block_diag(*blocks)
-
     def sums_nbytes(self) -> int:
         """Memory of the fp64 sums."""
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
@@ -366,13 +369,11 @@ class JointNormalEquation:
         self.B.add_(stats["joint/B"].to(self.B), alpha=sign)
 
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "JointSolution":
-        if self.priors:
-            matrix = self.A + self.regulariser(lams)
-        else:
-            diagonal = torch.cat([torch.as_tensor(lams[n], dtype=self.A.dtype, device=self.A.device).expand(a)
-                                  for n, a in zip(self.names, self.sizes)])
-            matrix = self.A.clone()
-            matrix.diagonal().add_(diagonal)
+        matrix, start = self.A.clone(), 0
+        for name, a in zip(self.names, self.sizes):  # lambda_l P_l on module l's diagonal block
+            lam = torch.as_tensor(lams[name], dtype=matrix.dtype, device=matrix.device)
+            add_regulariser(matrix[start:start + a, start:start + a], lam, self.priors.get(name))
+            start += a
         factor = cholesky(matrix)
         del matrix
         return JointSolution(self, torch.cholesky_solve(self.B, factor), factor)
@@ -395,8 +396,7 @@ class JointSolution:
         """M = (A + Lambda)^-1 [G_1; ...; G_L]; dL/dlambda_l = -<M_l, P_l S_l>."""
         M = torch.cholesky_solve(torch.cat([G[n].double() for n in self.owner.names]), self.factor)
         parts, shifts = self._split(M), self._split(self.shift64)
-        priors = self.owner.priors
-        dlam = {name: -(parts[name] * (priors[name] @ shifts[name] if name in priors else shifts[name])).sum().float()
+        dlam = {name: -(parts[name] * weighted(shifts[name], self.owner.priors.get(name))).sum().float()
                 for name in self.owner.names}
         return JointAdjoint(self.owner, M.float(), dlam)
 

@@ -8,7 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..methods import fraction
+from ..methods import REGULARISERS, fraction
 from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, load, read_facts, seed
 
 
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                         "the position predicting the first answer token (first), or the prompt's last subject token "
                         "(subject, MEMIT's; the last prompt token where a fact names no subject); with --init-editor, "
                         "the editor's own unless given")
-    t.add_argument("--regulariser", choices=["identity", "keys"],
+    t.add_argument("--regulariser", choices=REGULARISERS,
                    help="shape of the normal equation's regulariser lambda P: identity (the paper's; the default of "
                         "a new editor) or keys (P = the keys' second moment over text the model samples, cached in "
                         "~/.cache/malmen); with --init-editor, the editor's own unless given")
