@@ -56,6 +56,7 @@ def test_edit_saves_a_model_that_transformers_reloads(workspace, trained, capsys
                  "--out", str(out), "--show", "2"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("before:") == 2 and printed.count("after:") == 2 and "edited 16 facts at once" in printed
+    assert "fit: the solve wrote" in printed and "mlp.down_proj" in printed.split("fit:")[1] and "room: " in printed
     edited = AutoModelForCausalLM.from_pretrained(out)
     # the reference: the same edit in this process
     model, tok = load_tiny(w)
@@ -80,6 +81,8 @@ def test_eval_reports_what_the_library_computes(workspace, trained):
     reference = evaluate(MalmenEditor.from_pretrained(trained / "best", model, tok), list(load_facts(w / "val.jsonl")), 8)
     for key in ("ES", "GS", "LS", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data"):
         assert r[key] == reference[key] and r["before"][key] == reference["before"][key], key
+    for key in ("fit", "room"):
+        assert r[key] == pytest.approx(reference[key], abs=1e-9) and len(r[key]) == len(reference[key]) > 0
 
 
 def test_eval_with_a_keys_shaped_regulariser_reports_what_the_library_computes(workspace, trained):
@@ -214,6 +217,8 @@ def test_bench_quality_writes_json_csv_markdown(workspace, trained):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {(r["method"], r["n"]) for r in rows} == {("malmen", 1), ("malmen", 4), ("ft", 1), ("ft", 4)}
     assert next(r for r in rows if r["n"] == 4)["groups"] == 2
+    assert all(0.0 < r["fit"] <= 1.0 and 0.0 < r["room"] <= 1.0 for r in rows if r["method"] == "malmen")
+    assert not any("fit" in r or "room" in r for r in rows if r["method"] == "ft")
     assert (out / "results.csv").read_text().startswith("data,target,method,n")
     md = (out / "results.md").read_text()
     assert "| tiny | new | malmen | 4 |" in md

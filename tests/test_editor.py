@@ -26,6 +26,27 @@ def test_edit_then_revert_is_bitwise_exact(dtype, aggregation):
     assert all(torch.equal(after[n], before[n]) for n in before)
 
 
+def test_an_edit_reports_its_fit_which_a_larger_lambda_lowers():
+    """``handle.report['fit']``: each module's R^2 of the solve (solver ``fit``), in (0, 1]; a
+    larger regulariser writes the value differences less exactly; ``room``, the mean leverage,
+    in (0, 1]; MEND's sum reports neither."""
+    model, tok = tiny.llama(), tiny.tokenizer()
+    torch.manual_seed(0)
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0), lm_batch_size=3))
+    fits = {}
+    for scale in (1.0, 100.0):
+        editor.config.lambda_scale = scale
+        with editor.edit(tiny.facts(7)) as handle:
+            fits[scale] = handle.report["fit"]
+            assert set(handle.report["room"]) == set(editor.modules)
+            assert all(0.0 < r <= 1.0 for r in handle.report["room"].values())
+    assert set(fits[1.0]) == set(editor.modules)
+    assert all(0.0 < fits[100.0][m] < fits[1.0][m] <= 1.0 for m in editor.modules), fits
+    mend = MalmenEditor(model, tok, EditorConfig(aggregation="sum", hyper=HyperConfig(rank=8), lm_batch_size=3))
+    with mend.edit(tiny.facts(3)) as handle:
+        assert handle.report == {}
+
+
 def test_shift_orientation_linear_and_conv1d():
     """After an edit a layer outputs v + S^T k, whatever the weight layout."""
     for model in (tiny.llama(), tiny.gpt2()):

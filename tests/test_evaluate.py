@@ -1,3 +1,5 @@
+import pytest
+
 import tiny
 from malmen.baselines import FineTuneConfig, FineTuneEditor
 from malmen.editor import EditorConfig, MalmenEditor
@@ -67,3 +69,17 @@ def test_gs_chat_asks_the_rephrase_through_the_chat_template():
     # the answer follows the template's turn directly: no extra space before it
     ids, start, _ = editor.adapter.encode("nq question who a ", "paris")
     assert ids[start:] == tok("paris", add_special_tokens=False)["input_ids"]
+
+
+def test_edit_reports_are_averaged_over_groups_entry_by_entry():
+    from malmen.evaluate import mean_reports, report_lines
+
+    mean = lambda v: sum(v) / len(v)
+    reports = [{"fit": {"a": 0.5, "b": 1.0}, "s": 2.0}, {"fit": {"a": 0.7, "b": 0.0}, "s": 4.0}]
+    merged = mean_reports(reports, mean)
+    assert set(merged) == {"fit", "s"} and merged["s"] == 3.0
+    assert merged["fit"] == pytest.approx({"a": 0.6, "b": 0.5})
+    assert mean_reports([{}, {}], mean) == {}
+    lines = report_lines({"fit": {"a": 0.6, "b": 0.5}, "room": {"a": 0.1, "b": 0.3}})
+    assert len(lines) == 2 and "wrote 55.0%" in lines[0] and "a 0.600, b 0.500" in lines[0]
+    assert lines[1].startswith("room: ") and "written 20.0%" in lines[1] and report_lines({}) == []

@@ -136,6 +136,28 @@ def test_large_patches_hold_sums_and_still_sum_to_the_union():
     assert close(handle.shifts, union, noise)
 
 
+def test_patches_report_the_fit_of_the_union():
+    """The solve's report (solver ``fit`` and ``room``) of patches, in token and in summed form,
+    equals that of editing their facts at once; a summed patch without |D|^2 and the token count
+    (made before the report existed) reports nothing rather than something wrong."""
+    editor = editor_for()
+    many, few = facts(200, 4), facts(5, 5)
+    union = editor.edit(many + few)
+    told = union.report
+    union.revert()
+    assert set(told["fit"]) == set(told["room"]) == set(editor.modules) and all(0.0 < r2 < 1.0 for r2 in told["fit"].values())
+    summed, tokens = make_patch(editor, many, store_keys=True), make_patch(editor, few, "fp32")
+    assert summed.form == "sums" and tokens.form == "tokens"
+    handle = apply_patches(editor.model, [summed, tokens])
+    for key in ("fit", "room"):
+        assert handle.report[key] == pytest.approx(told[key], abs=1e-4), key
+    handle.revert()
+    old = dataclasses.replace(summed, tensors={k: v for k, v in summed.tensors.items() if not k.endswith(("/dd", "/n"))})
+    handle = apply_patches(editor.model, [old, tokens])
+    assert handle.report == {}
+    handle.revert()
+
+
 def test_conflicts_are_refused_or_superseded_and_duplicates_count_once():
     editor = editor_for()
     base = facts(4, 1)

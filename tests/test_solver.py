@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from malmen.solver import AGGREGATIONS, JointNormalEquation, NormalEquation, SumAggregation, Tokens, cholesky, value_differences
+from malmen.solver import (AGGREGATIONS, JointNormalEquation, NormalEquation, SumAggregation, Tokens, cholesky, report,
+                           value_differences)
 
 
 def random_problem(n=7, a=5, b=3, seed=0):
@@ -241,3 +242,64 @@ def test_joint_solve_fits_more_keys_than_one_module_has_dimensions():
     alone = NormalEquation(a, b)
     alone.accumulate(Tokens(keys["m1"], tokens["m1"].pkeys, -target, torch.tensor(1.0)))
     assert (keys["m1"] @ alone.solve(1e-6).shift - target).abs().max() > 0.1
+
+
+def direct_r2(K: torch.Tensor, S: torch.Tensor, D: torch.Tensor) -> float:
+    return float(1.0 - (K @ S - D).square().sum() / D.square().sum())
+
+
+@pytest.mark.parametrize("n, a, shaped", [(4, 12, False), (30, 8, False), (30, 8, True)])
+def test_fit_and_room_equal_their_direct_definitions(n, a, shaped):
+    """R^2 = 1 - |K S - D|^2 / |D|^2 and the mean leverage tr(K (K^T K + lambda P)^-1 K^T) / N,
+    computed directly against the solver's fit and room, in the dual form (4 tokens, 12
+    dimensions), the primal sums (30 tokens in 8 dimensions, streamed in two chunks) and with a
+    shaped regulariser (where A S = B - lambda P S gives the residual without A)."""
+    keys, pkeys, pgrads, _ = random_problem(n=n, a=a, b=3, seed=5)
+    eta, lam = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    root = torch.randn(a, a, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    prior = root @ root.t() / a + 0.1 * torch.eye(a, dtype=torch.float64) if shaped else None
+    agg = NormalEquation(a, 3, prior=prior)
+    for s in (slice(0, n // 2), slice(n // 2, n)):
+        agg.accumulate(Tokens(keys[s], pkeys[s], pgrads[s], eta))
+    solution = agg.solve(lam)
+    D = value_differences(keys, pkeys, pgrads, eta)
+    reg = lam * (prior if shaped else torch.eye(a, dtype=torch.float64))
+    leverage = torch.trace(keys @ torch.linalg.solve(keys.t() @ keys + reg, keys.t())) / n  # tr(H) / N
+    assert agg.fit(solution) == pytest.approx(direct_r2(keys, solution.shift64, D), abs=1e-6)  # d is fp32 in the solver
+    assert agg.room(solution) == pytest.approx(float(leverage), abs=1e-9)
+    agg.statistics()  # folding the tokens into the sums does not change the answer
+    assert agg.fit(solution) == pytest.approx(direct_r2(keys, solution.shift64, D), abs=1e-6)  # d is fp32 in the solver
+
+
+def test_fit_is_one_where_the_keys_have_room_and_below_one_where_they_do_not():
+    """Independent targets: 6 keys in 8 dimensions are written exactly (R^2 about 1 at a tiny
+    lambda, every leverage 1), 40 keys are not (a least-squares compromise; mean leverage 8 / 40);
+    the joint solve fits its summed target over both modules; MEND's sum reports nothing."""
+    g = torch.Generator().manual_seed(2)
+    a, b = 8, 2
+
+    def tokens(n, m=1):
+        keys = torch.randn(n, a, generator=g)
+        target = torch.randn(n, b, generator=g)
+        return Tokens(keys, keys / keys.pow(2).sum(-1, keepdim=True), -target / m, torch.tensor(1.0))
+
+    for n, fits in ((6, True), (40, False)):
+        agg = AGGREGATIONS["malmen"]({"m": (a, b)})
+        agg.accumulate({"m": tokens(n)})
+        solution = agg.solve({"m": torch.tensor(1e-4)})  # small against the keys' eigenvalues, above fp32's noise
+        r2, room = agg.fit(solution)["m"], agg.room(solution)["m"]
+        assert (r2 > 1 - 1e-4) if fits else (0.0 < r2 < 0.9), (n, r2)
+        assert room == pytest.approx(min(n, a) / n, rel=1e-3), (n, room)  # tr(H) = rank K as lambda -> 0
+    joint = AGGREGATIONS["joint"]({"m1": (a, b), "m2": (a, b)})
+    chunk = {"m1": tokens(12, 2), "m2": tokens(12, 2)}
+    joint.accumulate(chunk)
+    solution = joint.solve({"m1": torch.tensor(0.3), "m2": torch.tensor(0.1)})
+    K = torch.cat([chunk[m].keys for m in ("m1", "m2")], -1).double()
+    D = sum(chunk[m].differences() for m in ("m1", "m2")).double()
+    assert joint.fit(solution)["joint"] == pytest.approx(direct_r2(K, solution.shift64, D), abs=1e-6)
+    assert joint.room(solution) == {"joint": None}
+    assert report(joint, solution) == {"fit": joint.fit(solution)}
+    mend = AGGREGATIONS["sum"]({"m": (a, b)})
+    mend.accumulate({"m": tokens(3)})
+    assert mend.fit(mend.solve({"m": None})) == mend.room(mend.solve({"m": None})) == {"m": None}
+    assert report(mend, mend.solve({"m": None})) == {}

@@ -29,6 +29,7 @@ from .models import model_identity, same_weights, weight_sample
 from .keystats import Corpus, answer_moments, key_moments, key_prior
 from .precision import PRECISIONS
 from .solver import AGGREGATIONS, Tokens
+from .solver import report as solver_report
 from .timing import timed
 from .tracing import KeyGradTrace
 
@@ -151,8 +152,10 @@ class EditHandle:
     again: the model is exactly the one the later edits alone would have made.
     """
 
-    def __init__(self, model: nn.Module, shifts: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, shifts: dict[str, torch.Tensor], report: dict | None = None):
+        """``report``: what the method tells of its edit (MALMEN: ``fit``, each solve's R^2)."""
         self.model, self.shifts = model, shifts
+        self.report = dict(report or {})
         self.active = False
         self._apply()
 
@@ -357,6 +360,12 @@ class MalmenEditor:
 
         Under torch.distributed each process traces its share of the facts; the sums are added
         over the processes, rank 0 solves and the shifts are broadcast (distributed.py)."""
+        return self.solved(facts, progress)[0]
+
+    def solved(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None, report: bool = False
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+        """``shifts`` and, with ``report``, what the solve tells of itself (solver.report: each
+        module's ``fit`` and ``room``; {} on processes other than rank 0, or without ``report``)."""
         aggregator = self.new_aggregator()
         seen = 0
         pending = TokenBuffer(self.modules)
@@ -372,17 +381,26 @@ class MalmenEditor:
         if distributed.total(seen, self.adapter.device) == 0:
             raise ValueError("no facts to edit")
         distributed.all_reduce_statistics(aggregator)
+        told = {}
         if distributed.is_main():
-            shifts = self.solve(aggregator).shifts
+            solution = self.solve(aggregator)
+            shifts = solution.shifts
+            if report:  # an O(a^3) step per module: asked for by edits, not by speed benchmarks
+                with torch.no_grad():
+                    told = solver_report(aggregator, solution)
         else:
             placement = self.placement()
             shifts = {m: torch.empty(a, b, device=placement[m]) for m, (a, b) in self.hypernet.shapes.items()}
         distributed.broadcast(shifts.values())
-        return shifts
+        return shifts, told
 
     def edit(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> EditHandle:
-        """Apply one aggregated update for all facts; the handle reverts it exactly."""
-        return EditHandle(self.model, self.shifts(facts, progress))
+        """Apply one aggregated update for all facts; the handle reverts it exactly.  Its report
+        holds each module's ``fit``, the R^2 of its least squares (how much of the asked-for value
+        differences the shift writes), and ``room``, the tokens' mean leverage (the share of what is
+        particular to one token that the shift can write; past the key size it falls as 1 / tokens)."""
+        shifts, told = self.solved(facts, progress, report=True)
+        return EditHandle(self.model, shifts, told)
 
     def transplanted(self, modules: Sequence[str], eta_factor: float = 1.0) -> "MalmenEditor":
         """This editor moved to other ``modules`` of the same model, to continue meta-training.

@@ -116,7 +116,7 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
         groups = groups[:-1]  # every reported edit has exactly n_edits facts
     before: dict[str, list] = {}
     after: dict[str, list] = {}
-    edit_seconds = []
+    edit_seconds, reports = [], []
     bs = editor.config.lm_batch_size
     for i, group in enumerate(groups):
         if progress:
@@ -134,6 +134,7 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
         with timed(editor.adapter.device) as took:
             handle = editor.edit(group)
         edit_seconds.append(took.seconds)
+        reports.append(handle.report)
         try:
             if progress:
                 progress(f"group {i + 1}/{len(groups)}: edited {len(group)} facts in {edit_seconds[-1]:.1f}s")
@@ -151,8 +152,38 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
     result.update({k: mean(v) for k, v in after.items()})
     result["before"] = {k: mean(v) for k, v in before.items()}
     result["edit_seconds"] = mean(edit_seconds)
+    result.update(mean_reports(reports, mean))
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def mean_reports(reports: Sequence[dict], mean: Callable[[list], float]) -> dict:
+    """The groups' edit reports (``EditHandle.report``) averaged entry by entry: a number, or a
+    dict of numbers (``fit``: one R^2 per module) averaged key by key."""
+    merged: dict = {}
+    for report in reports:
+        for key, value in report.items():
+            if isinstance(value, dict):
+                for name, number in value.items():
+                    merged.setdefault(key, {}).setdefault(name, []).append(number)
+            else:
+                merged.setdefault(key, []).append(value)
+    return {key: {name: mean(v) for name, v in value.items()} if isinstance(value, dict) else mean(value)
+            for key, value in merged.items()}
+
+
+def report_lines(report: dict) -> list[str]:
+    """An edit's report (solver.report: ``fit`` and ``room`` per module), one line each, for people."""
+    words = {"fit": "the solve wrote {mean:.1%} of the value change the hyper-network asked for (R^2 per module: {each})",
+             "room": "a fact's own ask is written {mean:.1%} on average (mean leverage per module: {each}; "
+                     "past the key size it falls as 1 / tokens)"}
+    lines = []
+    for key, template in words.items():
+        values = report.get(key)
+        if values:
+            each = ", ".join(f"{name} {value:.3f}" for name, value in values.items())
+            lines.append(f"{key}: " + template.format(mean=sum(values.values()) / len(values), each=each))
+    return lines
 
 
 def table(result: dict) -> str:
@@ -163,4 +194,5 @@ def table(result: dict) -> str:
         if key in result:
             lines.append(f"| {key} | {result['before'][key]:.3f} | {result[key]:.3f} |")
     lines.append(f"edit time {result['edit_seconds']:.2f} s per group, peak RSS {result['peak_rss_mb']:.0f} MB")
+    lines += report_lines(result)
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from . import io
 from .facts import Fact, distinct
 from .models import model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS, Tokens
+from .solver import report as solver_report
 from .tracing import KeyGradTrace
 
 FORMAT = "malmen-patch"
@@ -88,6 +89,12 @@ class Patch:
     def has_keys(self) -> bool:
         """Whether the keys are at hand (stored, traced when made, or traced again)."""
         return self.form != "tokens" or all(f"tokens/{m}/keys" in self.tensors for m in self.meta["editor"]["modules"])
+
+    @property
+    def has_norms(self) -> bool:
+        """Whether |D|^2 and the token count are at hand for the solve's report (tokens: always;
+        sums: patches made since the report was added carry them as ``sums/.../dd`` and ``.../n``)."""
+        return self.form != "sums" or any(k.endswith("/dd") for k in self.tensors)
 
     def written(self) -> dict[str, torch.Tensor]:
         """The tensors the patch's files hold."""
@@ -335,10 +342,16 @@ class PatchHandle:
 
         lams = {m: torch.tensor(v) for m, v in self.patches[0].meta["editor"]["lambdas"].items()}
         with torch.no_grad():
-            shifts = self.aggregator.solve(lams).shifts
+            solution = self.aggregator.solve(lams)
+            told = solver_report(self.aggregator, solution) if all(p.has_norms for p in self.patches) else {}
         if self.edit is not None:
             self.edit.revert()
-        self.edit = EditHandle(self.model, shifts)
+        self.edit = EditHandle(self.model, solution.shifts, told)
+
+    @property
+    def report(self) -> dict:
+        """The current edit's report (``EditHandle.report``: the solve's fit and room)."""
+        return self.edit.report if self.edit is not None else {}
 
     def _rebuild(self, patches: list[Patch]) -> None:
         if not patches:

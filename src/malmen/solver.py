@@ -19,6 +19,8 @@ result instead of keeping it, so nothing carries over from one call to the next:
     agg.accumulate(chunk)                      # chunk: {module: Tokens}, the same tokens in each
     agg.statistics() / agg.add_statistics(s)   # the sums by name: save them, add another's
     solution = agg.solve(lams)                 # solution.shifts: {module: S (a x b), fp32}
+    agg.fit(solution)                          # {module: R^2}: how much of D the shifts realise
+    agg.room(solution)                         # {module: mean leverage}: a token's share of its own ask
     adjoint = solution.backward(G)             # G = dL/dS per module; adjoint.dlam: dL/dlambda
     adjoint.surrogate(chunk).backward()        # the true gradient w.r.t. the hyper-network's outputs
 """
@@ -81,6 +83,13 @@ def add_regulariser(matrix: torch.Tensor, lam: torch.Tensor, prior: torch.Tensor
     return matrix
 
 
+def explained(residual: torch.Tensor, dd: torch.Tensor) -> float | None:
+    """R^2 = 1 - |K S - D|^2 / |D|^2: the share of the requested value differences that a shift
+    realises at the keys (1: every token's d_j is written exactly; None: nothing was asked)."""
+    total = float(dd)
+    return None if total <= 0.0 else 1.0 - float(residual) / total
+
+
 def weighted(shift: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
     """P S, the shift as the regulariser weighs it: dL/dlambda = -<M, P S>."""
     return shift if prior is None else prior @ shift
@@ -112,12 +121,16 @@ class NormalEquation:
         self.diffs: list[torch.Tensor] = []   # ... and their value differences, fp32
         self.A: torch.Tensor | None = None    # primal form: fp64 sums (None while dual)
         self.B: torch.Tensor | None = None
+        self.dd = torch.zeros(1, dtype=torch.float64, device=device)  # |D|^2 and the token count N,
+        self.n = torch.zeros(1, dtype=torch.float64, device=device)   # summed like A and B (fit, room)
         self.tokens = 0
 
     def accumulate(self, t: Tokens) -> None:
         # the hyper-network may run on another device than this module's (a model spread by a device map)
         keys, d = t.keys.to(self.device), t.differences().float().to(self.device)
         self.tokens += keys.shape[0]
+        self.dd.add_(d.double().square().sum())
+        self.n.add_(keys.shape[0])
         if self.A is None and self.prior is None and 2 * self.tokens <= self.a:
             self.keys.append(keys)
             self.diffs.append(d)
@@ -142,7 +155,7 @@ class NormalEquation:
 
     def statistics(self) -> dict[str, torch.Tensor]:
         self.fold()
-        return {"A": self.A, "B": self.B}
+        return {"A": self.A, "B": self.B, "dd": self.dd, "n": self.n}
 
     def sums_nbytes(self) -> int:
         """Memory of the fp64 sums (the primal form: the most this aggregation ever holds)."""
@@ -163,7 +176,37 @@ class NormalEquation:
         matrix = add_regulariser(self.A.clone(), lam, self.prior)
         factor = cholesky(matrix)
         del matrix
-        return NormalSolution(torch.cholesky_solve(self.B, factor), factor, self.prior)
+        return NormalSolution(torch.cholesky_solve(self.B, factor), factor, self.prior, lam)
+
+    def fit(self, solution: "NormalSolution | DualSolution") -> float | None:
+        """R^2 of ``solution`` on the accumulated tokens (``explained``): from the tokens in the dual
+        form, else from the sums without an a x a product: |K S - D|^2 = tr(S^T A S) - 2 tr(S^T B)
+        + |D|^2, and A S = B - lambda P S at the solution, so |K S - D|^2 = |D|^2 - tr(S^T B)
+        - lambda tr(S^T P S)."""
+        S = solution.shift64
+        if self.diffs:  # still the dual form: the tokens themselves
+            D = torch.cat(self.diffs).double()
+            return explained((torch.cat(self.keys).double() @ S - D).square().sum(), self.dd)
+        self.fold()
+        penalty = solution.lam * (S * weighted(S, self.prior)).sum()
+        return explained(self.dd - (S * self.B).sum() - penalty, self.dd)
+
+    def room(self, solution: "NormalSolution | DualSolution") -> float | None:
+        """The tokens' mean leverage tr(H) / N, H = K (A + lambda P)^-1 K^T the map from asked to
+        written differences: a token gets H_jj of what it alone asks (the rest of what it gets is
+        what other tokens ask).  tr(H) <= min(N, key size), so past the key size the share falls
+        as 1 / N.  From the factor the solve kept: tr(H) = a - lambda tr((A + lambda P)^-1 P), or
+        N - lambda tr((K K^T + lambda I)^-1) in the dual form (one more O(a^3), or O(N^3), step)."""
+        n = float(self.n)
+        if n <= 0.0:
+            return None
+        if isinstance(solution, DualSolution):
+            dof = n - solution.lam * torch.cholesky_inverse(solution.factor).diagonal().sum()
+        elif self.prior is None:
+            dof = self.a - solution.lam * torch.cholesky_inverse(solution.factor).diagonal().sum()
+        else:
+            dof = self.a - solution.lam * torch.cholesky_solve(self.prior, solution.factor).diagonal().sum()
+        return float(dof) / n
 
 
 @dataclass
@@ -171,6 +214,7 @@ class NormalSolution:
     shift64: torch.Tensor   # S* in fp64
     factor: torch.Tensor    # Cholesky factor of A + lambda P, kept for the backward
     prior: torch.Tensor | None = None  # P (None: the identity)
+    lam: torch.Tensor | float = 0.0    # lambda, for the fit and the room
 
     @property
     def shift(self) -> torch.Tensor:
@@ -235,6 +279,14 @@ class SumAggregation:
     def solve(self, lam=None) -> "SumSolution":
         return SumSolution(self.B.float())
 
+    def fit(self, solution: "SumSolution") -> None:
+        """None: MEND's sum solves for no target, so there is no fit to report."""
+        return None
+
+    def room(self, solution: "SumSolution") -> None:
+        """None: no least squares, no leverage."""
+        return None
+
 
 @dataclass
 class SumSolution:
@@ -289,6 +341,14 @@ class PerModule:
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "PerModuleSolution":
         return PerModuleSolution({name: part.solve(lams[name]) for name, part in self.parts.items()})
 
+    def fit(self, solution: "PerModuleSolution") -> dict[str, float | None]:
+        """Each module's R^2 (``NormalEquation.fit``)."""
+        return {name: part.fit(solution.parts[name]) for name, part in self.parts.items()}
+
+    def room(self, solution: "PerModuleSolution") -> dict[str, float | None]:
+        """Each module's mean leverage (``NormalEquation.room``)."""
+        return {name: part.room(solution.parts[name]) for name, part in self.parts.items()}
+
 
 @dataclass
 class PerModuleSolution:
@@ -341,6 +401,7 @@ class JointNormalEquation:
         self.A = torch.zeros(total, total, dtype=torch.float64, device=device)
         self.B = torch.zeros(total, b, dtype=torch.float64, device=device)
         self.priors = {n: p.to(self.device, torch.float64) for n, p in (priors or {}).items()}
+        self.dd = torch.zeros(1, dtype=torch.float64, device=device)  # |sum_l d_l|^2, for the fit alone
         self.tokens = 0
 
     def sums_nbytes(self) -> int:
@@ -359,24 +420,36 @@ class JointNormalEquation:
         keys, d = self.stacked(chunk)
         self.A.add_(exact_product(keys.t(), keys))
         self.B.add_(keys.float().t() @ d.float())
+        self.dd.add_(d.double().square().sum())
         self.tokens += keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        return {"joint/A": self.A, "joint/B": self.B}
+        return {"joint/A": self.A, "joint/B": self.B, "joint/dd": self.dd}
 
     def add_statistics(self, stats: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
-        self.A.add_(stats["joint/A"].to(self.A), alpha=sign)
-        self.B.add_(stats["joint/B"].to(self.B), alpha=sign)
+        for key, value in stats.items():
+            target = self.statistics()[key]
+            target.add_(value.to(target), alpha=sign)
 
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "JointSolution":
         matrix, start = self.A.clone(), 0
+        lams = {name: torch.as_tensor(lams[name], dtype=matrix.dtype, device=matrix.device) for name in self.names}
         for name, a in zip(self.names, self.sizes):  # lambda_l P_l on module l's diagonal block
-            lam = torch.as_tensor(lams[name], dtype=matrix.dtype, device=matrix.device)
-            add_regulariser(matrix[start:start + a, start:start + a], lam, self.priors.get(name))
+            add_regulariser(matrix[start:start + a, start:start + a], lams[name], self.priors.get(name))
             start += a
         factor = cholesky(matrix)
         del matrix
-        return JointSolution(self, torch.cholesky_solve(self.B, factor), factor)
+        return JointSolution(self, torch.cholesky_solve(self.B, factor), factor, lams)
+
+    def fit(self, solution: "JointSolution") -> dict[str, float | None]:
+        """R^2 of the one joint target, sum_l d_jl (as ``NormalEquation.fit`` from the sums)."""
+        shifts = solution._split(solution.shift64)
+        penalty = sum(solution.lams[n] * (shifts[n] * weighted(shifts[n], self.priors.get(n))).sum() for n in self.names)
+        return {"joint": explained(self.dd - (solution.shift64 * self.B).sum() - penalty, self.dd)}
+
+    def room(self, solution: "JointSolution") -> dict[str, None]:
+        """Not computed: it needs the diagonal blocks of a 9,216-square inverse (minutes on a CPU)."""
+        return {"joint": None}
 
 
 @dataclass
@@ -384,6 +457,7 @@ class JointSolution:
     owner: JointNormalEquation
     shift64: torch.Tensor
     factor: torch.Tensor
+    lams: dict              # lambda_l, for the fit
 
     def _split(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.owner.names, stacked.split(self.owner.sizes, 0)))
@@ -411,6 +485,17 @@ class JointAdjoint:
         """sum_j <M^T k^_j, sum_l d_jl>: dL/dd_jl = M^T k^_j for every module l."""
         keys, d = self.owner.stacked(chunk)
         return ((keys.float() @ self.M) * d).sum()
+
+
+def report(aggregator, solution) -> dict[str, dict[str, float]]:
+    """What a solve tells of itself, for people: ``fit`` (R^2) and ``room`` (mean leverage) of each
+    module or joint system that has them (MEND's sum has neither)."""
+    out = {}
+    for key, values in (("fit", aggregator.fit(solution)), ("room", aggregator.room(solution))):
+        kept = {name: value for name, value in values.items() if value is not None}
+        if kept:
+            out[key] = kept
+    return out
 
 
 def _per_module(cls):

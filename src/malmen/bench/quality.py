@@ -50,6 +50,9 @@ def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, S
                     if key in result:
                         row[key] = result[key]
                         row[f"before_{key}"] = result["before"][key]
+                for key in ("fit", "room"):  # means over modules of the edit's report (solver.report)
+                    if result.get(key):
+                        row[key] = sum(result[key].values()) / len(result[key])
                 rows.append(row)
                 log(f"{data_name}/{target} {method} n={n}: ES {row['ES']:.3f} GS {row['GS']:.3f} LS {row['LS']:.3f} "
                     f"({row['edit_seconds']:.1f} s per edit)")
@@ -84,11 +87,12 @@ def write_outputs(rows: list[dict], out: str | Path, command: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     lines = [f"Command: `{command}`", "",
-             "| data | target | method | n | ES | GS | LS | ES_exact | GS_exact | LS_data | edit s | prepare s | peak RSS MB | unedited ES/GS |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| data | target | method | n | ES | GS | LS | ES_exact | GS_exact | LS_data | fit | room | edit s | prepare s | peak RSS MB | unedited ES/GS |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        fit, room = (f"{r[k]:.3f}" if k in r else "" for k in ("fit", "room"))
         lines.append(f"| {r['data']} | {r['target']} | {r['method']} | {r['n']} | {r['ES']:.3f} | {r['GS']:.3f} | {r['LS']:.3f} | "
-                     f"{r.get('ES_exact', math.nan):.3f} | {r.get('GS_exact', math.nan):.3f} | {r.get('LS_data', math.nan):.3f} | "
+                     f"{r.get('ES_exact', math.nan):.3f} | {r.get('GS_exact', math.nan):.3f} | {r.get('LS_data', math.nan):.3f} | {fit} | {room} | "
                      f"{r['edit_seconds']:.1f} | {r.get('prepare_seconds', 0.0):.1f} | {r.get('peak_rss_mb', math.nan):.0f} | "
                      f"{r['before_ES']:.3f}/{r['before_GS']:.3f} |")
     lines += ["", "ES / GS / LS by number of facts edited at once:", ""] + pivot(rows)

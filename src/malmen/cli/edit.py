@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     for fact, a0, a1 in zip(shown, answers_before, answers_after):
         print(f"{fact.prompt}\n  target: {fact.target}\n  before: {a0}\n  after:  {a1}")
     print(f"edited {checked.n} facts at once in {took.seconds:.1f} s ({checked.n / took.seconds:.1f} facts/s)")
+    from ..evaluate import report_lines
+
+    for line in report_lines(handle.report):
+        print(line)
     if args.patch_out:
         patch.save(args.patch_out)
         print(f"saved the patch to {args.patch_out} ({patch.form}, {patch.nbytes / 2**20:.1f} MB; "
