@@ -303,3 +303,15 @@ def test_fit_is_one_where_the_keys_have_room_and_below_one_where_they_do_not():
     mend.accumulate({"m": tokens(3)})
     assert mend.fit(mend.solve({"m": None})) == mend.room(mend.solve({"m": None})) == {"m": None}
     assert report(mend, mend.solve({"m": None})) == {}
+
+
+def test_solved_trace_equals_the_trace_of_the_dense_inverse_in_any_block_size():
+    from malmen.solver import solved_trace
+
+    g = torch.Generator().manual_seed(6)
+    root, other = (torch.randn(10, 10, generator=g, dtype=torch.float64) for _ in range(2))
+    M, P = root @ root.t() + torch.eye(10, dtype=torch.float64), other @ other.t()
+    factor = torch.linalg.cholesky(M)
+    for block in (1, 3, 10, 64):
+        assert float(solved_trace(factor, block=block)) == pytest.approx(float(torch.linalg.inv(M).trace()), rel=1e-10)
+        assert float(solved_trace(factor, P, block=block)) == pytest.approx(float(torch.linalg.solve(M, P).trace()), rel=1e-10)
