@@ -93,16 +93,18 @@ def explained(residual: torch.Tensor, dd: torch.Tensor) -> float | None:
 def solved_trace(factor: torch.Tensor, prior: torch.Tensor | None = None, block: int = 1024) -> torch.Tensor:
     """tr(M^-1 P) for M = L L^T given its Cholesky factor L (P None: the identity), a block of
     columns at a time, so that no second square matrix is held (a 16,384-wide layer's fp64 inverse
-    would be another 2 GiB)."""
+    would be another 2 GiB); for the identity, triangular solves over the nonzero rows only (about
+    a^3 / 3 operations, a sixth of two full solves)."""
     size, total = len(factor), factor.new_zeros(())
     for start in range(0, size, block):
         stop = min(start + block, size)
-        if prior is None:
-            columns = torch.zeros(size, stop - start, dtype=factor.dtype, device=factor.device)
-            columns[start:stop].fill_diagonal_(1.0)
+        if prior is None:  # tr(M^-1) = |L^-1|_F^2, and L^-1 is lower triangular: rows from ``start`` on
+            eye = torch.eye(size - start, stop - start, dtype=factor.dtype, device=factor.device)
+            part = torch.linalg.solve_triangular(factor[start:, start:], eye, upper=False)
+            total = total + part.square().sum()
         else:
             columns = prior[:, start:stop].to(factor)
-        total = total + torch.cholesky_solve(columns, factor)[start:stop].diagonal().sum()
+            total = total + torch.cholesky_solve(columns, factor)[start:stop].diagonal().sum()
     return total
 
 
