@@ -153,7 +153,7 @@ class EditHandle:
     """
 
     def __init__(self, model: nn.Module, shifts: dict[str, torch.Tensor], report: dict | None = None):
-        """``report``: what the method tells of its edit (MALMEN: ``fit``, each solve's R^2)."""
+        """``report``: what the method tells of its edit (MALMEN: ``fit`` and ``room``, solver.report)."""
         self.model, self.shifts = model, shifts
         self.report = dict(report or {})
         self.active = False

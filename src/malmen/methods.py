@@ -7,7 +7,7 @@ Every method builds an editor that offers
     editor.config.lm_batch_size           facts per LM micro-batch
     editor.shifts(facts) -> {module: S}   the parameter shift of every edited layer
     editor.edit(facts) -> EditHandle      applies them; ``handle.revert()`` restores the weights exactly;
-                                          ``handle.report``: what the method tells of the edit (MALMEN: ``fit``)
+                                          ``handle.report``: what the method tells of the edit (MALMEN: ``fit``, ``room``)
 
 and, when it has learned state, ``save_pretrained(path)`` and ``from_pretrained(path, model,
 tokenizer)``; when it needs one-time work before its first edit (MEMIT's key statistics),
