@@ -269,5 +269,9 @@ def test_a_keys_shaped_regulariser_uses_the_key_statistics_and_is_saved(tmp_path
         few.shifts(facts)
     few.config.prior_mix = 0.5  # the identity's share keeps P positive definite
     assert all(torch.isfinite(s).all() for s in few.shifts(facts).values())
+    first = few.key_statistics()[0]
+    for _ in range(3):  # a new list of other facts, even where the old list's memory is reused, is a new source
+        few.stats_facts = list(tiny.facts(4, seed=7))
+        assert few.key_statistics()[1] != 3 or not all(torch.equal(few.key_statistics()[0][m], first[m]) for m in first)
     with pytest.raises(ValueError, match="regulariser must be one of"):
         MalmenEditor(model, tok, EditorConfig(regulariser="diagonal", **config))

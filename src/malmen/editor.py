@@ -276,8 +276,7 @@ class MalmenEditor:
     def key_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
         """E[k kᵀ] of every edited module and the number of keys behind it, from ``stats_facts``
         or ``corpus`` (see ``priors``); computed once per source and kept."""
-        source = self._statistics_source()
-        if self._moments is None or self._moments[0] != source:
+        if not self._statistics_kept():
             if self.stats_facts is not None:
                 pairs = [(f.locality_prompt, f.locality_answer) for f in self.stats_facts if f.has_locality]
                 if not pairs:
@@ -286,18 +285,26 @@ class MalmenEditor:
                                          batch_size=self.config.lm_batch_size)
             else:
                 moments = key_moments(self.model, self.adapter.tokenizer, self.modules, self.corpus, cache=self.stats_dir)
-            self._moments = (source, ({m: moments.mean(m) for m in self.modules}, moments.count))
+            self._moments = (self._statistics_source(), ({m: moments.mean(m) for m in self.modules}, moments.count))
         return self._moments[1]
 
     def _statistics_source(self) -> tuple:
-        return id(self.stats_facts), self.corpus, tuple(self.modules)
+        return self.stats_facts, self.corpus, tuple(self.modules)
+
+    def _statistics_kept(self) -> bool:
+        """Whether the kept statistics come from the present source: the same facts object (held,
+        so its identity cannot pass to a new list), corpus and modules."""
+        if self._moments is None:
+            return False
+        facts, corpus, modules = self._moments[0]
+        return facts is self.stats_facts and (corpus, modules) == (self.corpus, tuple(self.modules))
 
     def prepare(self) -> float:
         """The one-time work before editing (methods.prepare): the key statistics a shaped
         regulariser needs; its seconds (0 when none or already computed)."""
         if self.config.regulariser == "identity":
             return 0.0
-        kept = self._moments is not None and self._moments[0] == self._statistics_source()
+        kept = self._statistics_kept()
         with timed(self.adapter.device) as took:
             self.priors()  # also refuses statistics too few for the key size, before any edit
         return 0.0 if kept else took.seconds

@@ -147,7 +147,7 @@ class NormalEquation:
         # the hyper-network may run on another device than this module's (a model spread by a device map)
         keys, d = t.keys.to(self.device), t.differences().float().to(self.device)
         self.tokens += keys.shape[0]
-        self.dd.add_(d.double().square().sum())
+        self.dd.add_(d.square().sum(dtype=torch.float64))  # no fp64 copy of d
         self.n.add_(keys.shape[0])
         if self.A is None and self.prior is None and 2 * self.tokens <= self.a:
             self.keys.append(keys)
@@ -434,7 +434,7 @@ class JointNormalEquation:
         keys, d = self.stacked(chunk)
         self.A.add_(exact_product(keys.t(), keys))
         self.B.add_(keys.float().t() @ d.float())
-        self.dd.add_(d.double().square().sum())
+        self.dd.add_(d.square().sum(dtype=torch.float64))  # no fp64 copy of d
         self.tokens += keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:

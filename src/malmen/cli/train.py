@@ -11,6 +11,8 @@ from pathlib import Path
 from ..methods import REGULARISERS, fraction
 from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, load, read_facts, seed
 
+DEFAULT_RANK = 256  # a new editor's hyper-network rank (hypernet.HyperConfig's; here without importing torch)
+
 
 def add_parser(sub) -> None:
     t = sub.add_parser("train", help="meta-train an editor (hyper-network)", formatter_class=sub.formatter_class)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         from ..registry import editor_config
 
         try:
-            rank = editor_config(args.init_editor)["config"].get("hyper", {}).get("rank", 256)
+            rank = editor_config(args.init_editor)["config"].get("hyper", {}).get("rank", DEFAULT_RANK)
         except (ValueError, FileNotFoundError) as err:
             raise UsageError(str(err)) from None
         if args.rank is not None and args.rank < rank:
@@ -128,7 +130,7 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
                 editor.config.prior_mix = args.prior_mix
         else:
             config = EditorConfig(modules=args.modules or [], aggregation=aggregation or "malmen",
-                                  hyper=HyperConfig(rank=args.rank or 256, n_blocks=args.blocks),
+                                  hyper=HyperConfig(rank=args.rank or DEFAULT_RANK, n_blocks=args.blocks),
                                   lm_batch_size=args.lm_batch_size, hyper_batch_size=args.hyper_batch_size,
                                   keys=args.keys or "answer", hyper_precision=args.hyper_precision,
                                   regulariser=args.regulariser or "identity",
