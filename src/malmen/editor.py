@@ -437,18 +437,24 @@ class MalmenEditor:
 
     # --- persistence (safetensors + JSON, Hugging Face style)
     def save_pretrained(self, path: str | Path, extra: dict | None = None,
-                        tensor_files: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-        """Write editor.safetensors and editor.json (plus ``tensor_files``) into ``path`` atomically."""
+                        tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
+                        factor_dtype: torch.dtype | None = None) -> None:
+        """Write editor.safetensors and editor.json (plus ``tensor_files``) into ``path`` atomically.
+
+        ``factor_dtype`` (e.g. torch.float16) stores the hyper-network's low-rank factors in that
+        dtype, about half the file (``HyperNetwork.stored_state``); editor.json records it."""
         meta = {
             "format": FORMAT, "version": VERSION,
             "config": self.config.to_dict(),
             "shapes": {k: list(v) for k, v in self.hypernet.shapes.items()},
             "base_model": model_identity(self.model, self.modules),
         }
+        if factor_dtype is not None:
+            meta["stored_factors"] = str(factor_dtype).removeprefix("torch.")
         for key, value in {**self.metadata, **(extra or {})}.items():
             meta.setdefault(key, value)  # never overrides the core entries above
         with io.atomic_dir(path) as tmp:
-            io.save_tensors(tmp / "editor.safetensors", self.hypernet.state_dict())
+            io.save_tensors(tmp / "editor.safetensors", self.hypernet.stored_state(factor_dtype))
             for filename, tensors in (tensor_files or {}).items():
                 io.save_tensors(tmp / filename, tensors)
             io.write_json(tmp / "editor.json", meta)
@@ -484,7 +490,7 @@ class MalmenEditor:
         hypernet = HyperNetwork(shapes, config.hyper)
         hypernet.load_state_dict(io.load_tensors(Path(path) / "editor.safetensors"))
         editor = cls(model, tokenizer, config, hypernet, adapter)
-        core = {"format", "version", "config", "shapes", "base_model"}
+        core = {"format", "version", "config", "shapes", "base_model", "stored_factors"}
         editor.metadata = {k: v for k, v in meta.items() if k not in core}
         return editor
 

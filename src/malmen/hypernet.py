@@ -78,6 +78,8 @@ class Block(nn.Module):
     without any gradient forever.
     """
 
+    FACTORS = ("U", "V")  # the low-rank factors: nearly all of the parameters
+
     def __init__(self, size: int, rank: int, n_modules: int):
         super().__init__()
         self.U = nn.Parameter(torch.randn(size, rank) / math.sqrt(size))
@@ -185,6 +187,20 @@ class HyperNetwork(nn.Module):
             new.log_eta[p] = self.log_eta[q] + math.log(eta_factor)
             new.log_lambda[p] = self.log_lambda[q]
         return new
+
+    def stored_state(self, factor_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The state dict to save, the blocks' low-rank factors in ``factor_dtype`` (None: as they are).
+
+        The factors are nearly all of an editor's bytes, so float16 halves its file; loading casts
+        them back to the parameters' dtype. The rest keeps its dtype: the normalisers' statistics
+        and the per-module scalars are few, and the step and regulariser are exponentials of logs,
+        where a rounding error becomes a relative one."""
+        state = self.state_dict()
+        if factor_dtype is None:
+            return state
+        factors = {f"{prefix}.{name}" for prefix, module in self.named_modules() if isinstance(module, Block)
+                   for name in Block.FACTORS}
+        return {k: v.to(factor_dtype) if k in factors else v for k, v in state.items()}
 
     @torch.no_grad()
     def widened(self, rank: int) -> "HyperNetwork":

@@ -1,4 +1,4 @@
-"""Command line: ``malmen train | edit | apply | eval | bench | classifier``; ``malmen COMMAND --help``.
+"""Command line: ``malmen train | edit | apply | eval | bench | classifier | export``; ``malmen COMMAND --help``.
 
 Each command lives in a module of its own; every method is reached through ``malmen.methods``.
 Errors in user input (fact files, module names, editors, methods) print one line and exit 2,
@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
-from . import apply, bench, classifier, edit, evaluate, train
+from . import apply, bench, classifier, edit, evaluate, export, train
 from .common import HelpFormatter, UsageError
 
-COMMANDS = (train, edit, apply, evaluate, bench, classifier)
+COMMANDS = (train, edit, apply, evaluate, bench, classifier, export)
 
 
 def parser() -> argparse.ArgumentParser:

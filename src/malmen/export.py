@@ -1,0 +1,40 @@
+"""Re-store a saved editor with its hyper-network's low-rank factors in another dtype (``malmen export``).
+
+An editor's file is nearly all low-rank factors (``Block.FACTORS``); in float16 it takes half the
+bytes, which matters for editors shipped in the package. Files only: no model is loaded. The
+optimizer state of a training checkpoint (``last/``) is not carried: an exported editor is for
+editing, or for a new training run from it (``train --init-editor``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import io, registry
+from .hypernet import HyperConfig, HyperNetwork
+
+FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "float16") -> Path:
+    """Write the editor ``source`` (a directory or shipped name) to ``out`` with its factors stored in
+    ``factor_dtype``, atomically; every other entry of editor.json and every other tensor is kept.
+
+    Returns ``out``. Loading the result (``MalmenEditor.from_pretrained``) casts the factors back to
+    float32, so the edit differs from the source's only by their rounding."""
+    if factor_dtype not in FACTOR_DTYPES:
+        raise ValueError(f"factor dtype {factor_dtype!r}: one of {', '.join(FACTOR_DTYPES)}")
+    path = registry.resolve_editor(source)
+    meta = registry.editor_config(path)
+    shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+    hypernet = HyperNetwork(shapes, HyperConfig(**meta["config"]["hyper"]))
+    try:
+        hypernet.load_state_dict(io.load_tensors(path / "editor.safetensors"))  # checks every key and shape
+    except RuntimeError as err:
+        raise ValueError(f"{path}/editor.safetensors: does not match editor.json ({err})") from None
+    meta = {**meta, "stored_factors": factor_dtype}
+    with io.atomic_dir(out) as tmp:  # source read in full first: out may be source itself
+        io.save_tensors(tmp / "editor.safetensors", hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
+        io.write_json(tmp / "editor.json", meta)
+    return Path(out)

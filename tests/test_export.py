@@ -1,0 +1,80 @@
+"""Exported editors: low-rank factors stored in float16, everything else as it was."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from malmen.cli import main
+from malmen.editor import EditorConfig, MalmenEditor
+from malmen.export import export_editor
+from malmen.hypernet import HyperConfig
+
+
+def trained_editor(tmp_path):
+    """A tiny editor with every parameter moved off its initial value, saved in float32."""
+    model, tok = tiny.llama(), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=0.5)))
+    with torch.no_grad():
+        for p in editor.hypernet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    editor.save_pretrained(tmp_path / "ed", extra={"trainer": {"step": 7}})
+    return model, tok, editor
+
+
+def test_factors_are_stored_in_float16_and_load_back_rounded(tmp_path):
+    model, tok, editor = trained_editor(tmp_path)
+    export_editor(tmp_path / "ed", tmp_path / "half")
+    stored, full = load_file(str(tmp_path / "half" / "editor.safetensors")), load_file(str(tmp_path / "ed" / "editor.safetensors"))
+    assert stored.keys() == full.keys()
+    factors = [k for k in stored if k.rsplit(".", 1)[-1] in ("U", "V")]
+    assert len(factors) == 2 * editor.config.hyper.n_blocks * len(editor.hypernet.nets)
+    for k, v in stored.items():  # the factors halved, the rest (normalisers, scalars) untouched
+        assert v.dtype == (torch.float16 if k in factors else full[k].dtype)
+        assert torch.equal(v, full[k].half() if k in factors else full[k])
+    meta, source = (json.loads((tmp_path / d / "editor.json").read_text()) for d in ("half", "ed"))
+    assert meta == {**source, "stored_factors": "float16"}
+    editor.save_pretrained(tmp_path / "direct", factor_dtype=torch.float16)  # the same from the editor itself
+    direct = load_file(str(tmp_path / "direct" / "editor.safetensors"))
+    assert all(direct[k].dtype == v.dtype and torch.equal(direct[k], v) for k, v in stored.items())
+    assert json.loads((tmp_path / "direct" / "editor.json").read_text())["stored_factors"] == "float16"
+
+    loaded = MalmenEditor.from_pretrained(tmp_path / "half", model, tok)
+    state = loaded.hypernet.state_dict()
+    assert all(state[k].dtype == full[k].dtype for k in full)  # cast back on loading
+    assert all(torch.equal(state[k], full[k].half().float() if k in factors else full[k]) for k in full)
+    facts = tiny.facts(6)
+    exact, rounded = editor.shifts(facts), loaded.shifts(facts)
+    for name in exact:  # float16 keeps 11 significant bits: the shifts differ by about that
+        err = (rounded[name] - exact[name]).norm() / exact[name].norm()
+        assert 0 < err < 5e-3
+
+
+def test_saving_a_loaded_export_in_float32_drops_the_record(tmp_path):
+    model, tok, _ = trained_editor(tmp_path)
+    export_editor(tmp_path / "ed", tmp_path / "ed")  # in place
+    assert json.loads((tmp_path / "ed" / "editor.json").read_text())["stored_factors"] == "float16"
+    loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
+    loaded.save_pretrained(tmp_path / "again")
+    assert "stored_factors" not in json.loads((tmp_path / "again" / "editor.json").read_text())
+    assert all(v.dtype != torch.float16 for v in load_file(str(tmp_path / "again" / "editor.safetensors")).values())
+
+
+def test_export_refuses_a_file_that_does_not_match_its_json(tmp_path):
+    trained_editor(tmp_path)
+    meta = json.loads((tmp_path / "ed" / "editor.json").read_text())
+    meta["config"]["hyper"]["rank"] = 4
+    (tmp_path / "ed" / "editor.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match editor.json"):
+        export_editor(tmp_path / "ed", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_command(tmp_path, capsys):
+    trained_editor(tmp_path)
+    assert main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "half")]) == 0
+    assert "factors in float16" in capsys.readouterr().out
+    assert (tmp_path / "half" / "editor.safetensors").stat().st_size < (tmp_path / "ed" / "editor.safetensors").stat().st_size
+    assert main(["export", "--editor", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "no editor.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
