@@ -78,3 +78,8 @@ def test_export_command(tmp_path, capsys):
     assert (tmp_path / "half" / "editor.safetensors").stat().st_size < (tmp_path / "ed" / "editor.safetensors").stat().st_size
     assert main(["export", "--editor", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "no editor.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "mine")]) == 2
+    assert "holds no editor.json" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"  # a directory not an editor's is never replaced

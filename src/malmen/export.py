@@ -26,6 +26,8 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     if factor_dtype not in FACTOR_DTYPES:
         raise ValueError(f"factor dtype {factor_dtype!r}: one of {', '.join(FACTOR_DTYPES)}")
     path = registry.resolve_editor(source)
+    if Path(out).exists() and not (Path(out) / "editor.json").is_file():  # atomic_dir would replace it whole
+        raise ValueError(f"{out}: exists and holds no editor.json; an export replaces only an editor directory")
     meta = registry.editor_config(path)
     shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
     hypernet = HyperNetwork(shapes, HyperConfig(**meta["config"]["hyper"]))
