@@ -346,3 +346,20 @@ def test_help_shows_defaults():
     text = " ".join(r.stdout.split())  # argparse wraps lines
     assert r.returncode == 0 and "(default: 1000)" in text and "(default: 256, or the editor's)" in text
     assert "(default: smollm2-135m)" in text
+
+
+def test_an_output_directory_the_command_did_not_write_is_refused_before_loading(tmp_path, capsys):
+    """Outputs are replaced whole (atomically): a user's own directory given by mistake is refused,
+    before the model loads, and keeps its files."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "The capital of France is", "target": "Lyon"}\n')
+    edit = ["edit", "--model", str(tmp_path / "no-model"), "--editor", "smollm2-zsre", "--facts", str(facts)]
+    for args, marker in (([*edit, "--out", str(mine)], "config.json"), ([*edit, "--patch-out", str(mine)], "patch.json"),
+                         (["apply", str(tmp_path / "no-patch"), "--out", str(mine)], "config.json")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{mine}: exists and holds no {marker}" in err and "no-model" not in err and "no-patch" not in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"

@@ -115,3 +115,23 @@ def test_prompt_longer_than_context_is_truncated_from_the_left():
     assert batch.input_ids[0, -2:].tolist() == adapter.tokenizer("paris rome", add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="longer than the model's context"):
         adapter.batch(["what"], ["alpha " * 80])
+
+
+def test_atomic_dir_with_a_marker_replaces_only_what_it_wrote(tmp_path):
+    from malmen.io import atomic_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds no editor.json"):
+        with atomic_dir(mine, marker="editor.json") as tmp:
+            (tmp / "editor.json").write_text("{}")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    for target in (tmp_path / "new", tmp_path / "empty", mine):  # absent, empty, or written before: replaced
+        if target.name == "empty":
+            target.mkdir()
+        if target is mine:
+            (mine / "editor.json").write_text("{}")
+        with atomic_dir(target, marker="editor.json") as tmp:
+            (tmp / "editor.json").write_text('{"new": 1}')
+        assert [p.name for p in target.iterdir()] == ["editor.json"] and "new" in (target / "editor.json").read_text()

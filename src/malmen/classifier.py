@@ -125,7 +125,7 @@ def train_head(model: nn.Module, tokenizer, examples: Sequence[tuple[str, str]],
 
 def save_head(model: nn.Module, out: str | Path, info: dict, scope: str = "head") -> None:
     """Write ``head.safetensors`` and ``head.json`` (atomically)."""
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, marker="head.json") as tmp:
         tensors = {n: p.detach().contiguous() for n, p in head_parameters(model, scope).items()}
         io.save_tensors(tmp / "head.safetensors", tensors)
         (tmp / "head.json").write_text(json.dumps(info, indent=1) + "\n")

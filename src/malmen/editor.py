@@ -453,7 +453,7 @@ class MalmenEditor:
             meta["stored_factors"] = str(factor_dtype).removeprefix("torch.")
         for key, value in {**self.metadata, **(extra or {})}.items():
             meta.setdefault(key, value)  # never overrides the core entries above
-        with io.atomic_dir(path) as tmp:
+        with io.atomic_dir(path, marker="editor.json") as tmp:
             io.save_tensors(tmp / "editor.safetensors", self.hypernet.stored_state(factor_dtype))
             for filename, tensors in (tensor_files or {}).items():
                 io.save_tensors(tmp / filename, tensors)

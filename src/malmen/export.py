@@ -26,8 +26,7 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     if factor_dtype not in FACTOR_DTYPES:
         raise ValueError(f"factor dtype {factor_dtype!r}: one of {', '.join(FACTOR_DTYPES)}")
     path = registry.resolve_editor(source)
-    if Path(out).exists() and not (Path(out) / "editor.json").is_file():  # atomic_dir would replace it whole
-        raise ValueError(f"{out}: exists and holds no editor.json; an export replaces only an editor directory")
+    io.check_replaceable(out, "editor.json")  # before any work; atomic_dir checks again
     meta = registry.editor_config(path)
     shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
     hypernet = HyperNetwork(shapes, HyperConfig(**meta["config"]["hyper"]))
@@ -36,7 +35,7 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     except RuntimeError as err:
         raise ValueError(f"{path}/editor.safetensors: does not match editor.json ({err})") from None
     meta = {**meta, "stored_factors": factor_dtype}
-    with io.atomic_dir(out) as tmp:  # source read in full first: out may be source itself
+    with io.atomic_dir(out, marker="editor.json") as tmp:  # source read in full first: out may be source itself
         io.save_tensors(tmp / "editor.safetensors", hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
         io.write_json(tmp / "editor.json", meta)
     return Path(out)

@@ -19,12 +19,25 @@ def _umask() -> int:
     return mask
 
 
+def check_replaceable(path: str | Path, marker: str) -> None:
+    """Raise ValueError unless ``path`` is absent, an empty directory or holds ``marker`` (the file
+    that the writer of such a directory always writes): the directory is replaced whole, and a
+    user's directory given by mistake (``--out ~/work``) must not be."""
+    path = Path(path)
+    if path.exists() and not (path / marker).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path}: exists and holds no {marker}; only a directory this command wrote is replaced")
+
+
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
 
     A crash leaves either the old directory or the complete new one (plus a stray temp dir).
+    With ``marker``, an existing ``path`` is replaced only if it is empty or holds that file
+    (``check_replaceable``); otherwise ValueError, before anything is written.
     """
+    if marker is not None:
+        check_replaceable(path, marker)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -156,7 +156,7 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
     a crash leaves the old directory or the complete new one."""
     from .io import atomic_dir
 
-    with quiet(), atomic_dir(path) as tmp:
+    with quiet(), atomic_dir(path, marker="config.json") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

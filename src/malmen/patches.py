@@ -110,7 +110,7 @@ class Patch:
     # --- files
     def save(self, path: str | Path) -> None:
         """patch.safetensors and patch.json in ``path``, written atomically."""
-        with io.atomic_dir(path) as tmp:
+        with io.atomic_dir(path, marker="patch.json") as tmp:
             io.save_tensors(tmp / "patch.safetensors", self.written())
             io.write_json(tmp / "patch.json", self.meta)
 

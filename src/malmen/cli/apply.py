@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, load, seed
+from .common import UsageError, checked_out, load, seed
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..patches import Patch, PatchError, apply_patches
 
+    checked_out(args.out, "config.json")
     metas = []
     for path in args.patches:  # JSON only: every patch is checked before the model is loaded
         try:

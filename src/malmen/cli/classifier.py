@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, seed
+from .common import UsageError, checked_out, seed
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def examples(path: str, limit: int | None) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    checked_out(args.out, "head.json")
     train, val = examples(args.data, args.limit), examples(args.val_data, None)
     seed(args)
     from ..classifier import build, save_head, train_head

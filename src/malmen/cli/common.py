@@ -211,3 +211,16 @@ def write_result(path: str, result: dict) -> None:
 
 def command_line() -> str:
     return "malmen " + " ".join(sys.argv[1:])
+
+
+def checked_out(path: str | None, marker: str) -> None:
+    """Refuse, before any heavy work, an output directory the command would replace whole though
+    it did not write it (``io.check_replaceable``)."""
+    if path is None:
+        return
+    from ..io import check_replaceable
+
+    try:
+        check_replaceable(path, marker)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
