@@ -487,8 +487,7 @@ class MalmenEditor:
                 raise ValueError(message)
             import warnings
             warnings.warn(message)
-        hypernet = HyperNetwork(shapes, config.hyper)
-        hypernet.load_state_dict(io.load_tensors(Path(path) / "editor.safetensors"))
+        hypernet = HyperNetwork.from_file(Path(path) / "editor.safetensors", shapes, config.hyper)
         editor = cls(model, tokenizer, config, hypernet, adapter)
         core = {"format", "version", "config", "shapes", "base_model", "stored_factors"}
         editor.metadata = {k: v for k, v in meta.items() if k not in core}

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from . import io, registry
-from .hypernet import HyperConfig, HyperNetwork
+from .editor import EditorConfig
+from .hypernet import HyperNetwork
 
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -26,16 +27,12 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     if factor_dtype not in FACTOR_DTYPES:
         raise ValueError(f"factor dtype {factor_dtype!r}: one of {', '.join(FACTOR_DTYPES)}")
     path = registry.resolve_editor(source)
-    io.check_replaceable(out, "editor.json")  # before any work; atomic_dir checks again
     meta = registry.editor_config(path)
     shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-    hypernet = HyperNetwork(shapes, HyperConfig(**meta["config"]["hyper"]))
-    try:
-        hypernet.load_state_dict(io.load_tensors(path / "editor.safetensors"))  # checks every key and shape
-    except RuntimeError as err:
-        raise ValueError(f"{path}/editor.safetensors: does not match editor.json ({err})") from None
+    hypernet = HyperNetwork.from_file(path / "editor.safetensors", shapes, EditorConfig.from_dict(meta["config"]).hyper)
     meta = {**meta, "stored_factors": factor_dtype}
-    with io.atomic_dir(out, marker="editor.json") as tmp:  # source read in full first: out may be source itself
+    # the source is read in full first: out may be the source itself; an out that is not an editor is refused
+    with io.atomic_dir(out, marker="editor.json") as tmp:
         io.save_tensors(tmp / "editor.safetensors", hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
         io.write_json(tmp / "editor.json", meta)
     return Path(out)

@@ -188,6 +188,19 @@ class HyperNetwork(nn.Module):
             new.log_lambda[p] = self.log_lambda[q]
         return new
 
+    @classmethod
+    def from_file(cls, path, shapes: dict[str, tuple[int, int]], config: HyperConfig) -> "HyperNetwork":
+        """The network of ``shapes`` and ``config`` with the parameters saved in ``path`` (safetensors;
+        factors stored in another dtype are cast back); ValueError if the file does not match them."""
+        from . import io
+
+        net = cls(shapes, config)
+        try:
+            net.load_state_dict(io.load_tensors(path))  # checks every key and shape
+        except RuntimeError as err:
+            raise ValueError(f"{path}: does not match editor.json ({err})") from None
+        return net
+
     def stored_state(self, factor_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The state dict to save, the blocks' low-rank factors in ``factor_dtype`` (None: as they are).
 
