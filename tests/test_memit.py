@@ -67,7 +67,10 @@ def test_answer_moments_sum_the_keys_at_the_answer_positions_only():
     assert moments.count == int(batch.mask.sum())
     for m in modules:
         k = t.keys[m].reshape(*batch.mask.shape, -1)[batch.mask].double()  # every position traced, the answers kept
-        assert torch.allclose(moments.mean(m), k.T @ k / len(k), rtol=1e-5, atol=1e-6)
+        reference = k.T @ k / len(k)
+        # fp32 keys traced in batches of another shape: the rounding scales with the largest entry (about 2e-6
+        # of it on one machine, 1e-4 absolute), where a wrong position would be off by the entries themselves
+        assert torch.allclose(moments.mean(m), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
 def test_key_prior_has_the_identitys_trace_and_blends_with_it():
