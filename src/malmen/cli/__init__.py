@@ -27,6 +27,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run(argv)
+    if "torch.distributed" in sys.modules:  # under torchrun: end without the interpreter's teardown
+        from ..distributed import finish
+
+        return finish(code)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command's exit status (2 for bad input, 130 when interrupted)."""
     args = parser().parse_args(argv)
     from ..facts import FactError
 
