@@ -23,6 +23,7 @@ from . import io
 from .adapters.base import longest_module_list
 from .adapters.classifier import ClassifierAdapter
 from .timing import timed
+from .formats import HEAD_FILE
 
 
 def build(encoder: str, num_labels: int = 1, head: str | Path | None = None, scope: str = "head"):
@@ -125,7 +126,7 @@ def train_head(model: nn.Module, tokenizer, examples: Sequence[tuple[str, str]],
 
 def save_head(model: nn.Module, out: str | Path, info: dict, scope: str = "head") -> None:
     """Write ``head.safetensors`` and ``head.json`` (atomically)."""
-    with io.atomic_dir(out, marker="head.json") as tmp:
+    with io.atomic_dir(out, marker=HEAD_FILE) as tmp:
         tensors = {n: p.detach().contiguous() for n, p in head_parameters(model, scope).items()}
         io.save_tensors(tmp / "head.safetensors", tensors)
-        (tmp / "head.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / HEAD_FILE).write_text(json.dumps(info, indent=1) + "\n")

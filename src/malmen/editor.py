@@ -32,6 +32,7 @@ from .solver import AGGREGATIONS, Tokens
 from .solver import report as solver_report
 from .timing import timed
 from .tracing import KeyGradTrace
+from .formats import EDITOR_FILE
 
 FORMAT = registry.FORMAT
 VERSION = 1
@@ -453,11 +454,11 @@ class MalmenEditor:
             meta["stored_factors"] = str(factor_dtype).removeprefix("torch.")
         for key, value in {**self.metadata, **(extra or {})}.items():
             meta.setdefault(key, value)  # never overrides the core entries above
-        with io.atomic_dir(path, marker="editor.json") as tmp:
+        with io.atomic_dir(path, marker=EDITOR_FILE) as tmp:
             io.save_tensors(tmp / "editor.safetensors", self.hypernet.stored_state(factor_dtype))
             for filename, tensors in (tensor_files or {}).items():
                 io.save_tensors(tmp / filename, tensors)
-            io.write_json(tmp / "editor.json", meta)
+            io.write_json(tmp / EDITOR_FILE, meta)
 
     @staticmethod
     def read_config(path: str | Path) -> dict:

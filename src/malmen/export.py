@@ -14,6 +14,7 @@ import torch
 from . import io, registry
 from .editor import EditorConfig
 from .hypernet import HyperNetwork
+from .formats import EDITOR_FILE
 
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -32,7 +33,7 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     hypernet = HyperNetwork.from_file(path / "editor.safetensors", shapes, EditorConfig.from_dict(meta["config"]).hyper)
     meta = {**meta, "stored_factors": factor_dtype}
     # the source is read in full first: out may be the source itself; an out that is not an editor is refused
-    with io.atomic_dir(out, marker="editor.json") as tmp:
+    with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:
         io.save_tensors(tmp / "editor.safetensors", hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
-        io.write_json(tmp / "editor.json", meta)
+        io.write_json(tmp / EDITOR_FILE, meta)
     return Path(out)

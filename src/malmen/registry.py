@@ -4,21 +4,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .formats import EDITOR_FILE, HEAD_FILE
+
 SHIPPED = Path(__file__).parent / "editors"
 HEADS = Path(__file__).parent / "heads"  # classifier heads shipped with the package
 DEFAULT_MODEL = "smollm2-135m"  # the model every command uses unless told otherwise
 
 
 def shipped() -> list[str]:
-    return sorted(p.name for p in SHIPPED.iterdir() if (p / "editor.json").is_file()) if SHIPPED.is_dir() else []
+    return sorted(p.name for p in SHIPPED.iterdir() if (p / EDITOR_FILE).is_file()) if SHIPPED.is_dir() else []
 
 
 def resolve_editor(name: str | Path) -> Path:
     """A directory holding editor.json, or the name of a shipped editor."""
     path = Path(name)
-    if (path / "editor.json").is_file():
+    if (path / EDITOR_FILE).is_file():
         return path
-    if (SHIPPED / str(name) / "editor.json").is_file():
+    if (SHIPPED / str(name) / EDITOR_FILE).is_file():
         return SHIPPED / str(name)
     names = ", ".join(shipped()) or "none"
     raise FileNotFoundError(f"{name}: no editor.json there and no shipped editor of that name (shipped: {names})")
@@ -28,7 +30,7 @@ def classifier_head(name: str) -> Path | None:
     """The directory of a classifier head: a shipped head's name or a directory with head.json
     (no torch: the command line asks before loading anything)."""
     for path in (HEADS / name, Path(name)):
-        if (path / "head.json").is_file():
+        if (path / HEAD_FILE).is_file():
             return path
     return None
 
@@ -43,7 +45,7 @@ def editor_config(name: str | Path) -> dict:
     """
     path = resolve_editor(name)
     try:
-        meta = json.loads((path / "editor.json").read_text(encoding="utf-8"))
+        meta = json.loads((path / EDITOR_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}/editor.json: cannot read JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

@@ -31,6 +31,7 @@ from .facts import Fact
 from .precision import exact_product
 from .timing import timed
 from .tracing import KeyGradTrace
+from .formats import EDITOR_FILE
 
 
 @dataclass
@@ -284,7 +285,7 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from ``out/last`` if it exists. Returns whether it did."""
         last = self.out / "last"
-        if not (last / "editor.json").is_file():
+        if not (last / EDITOR_FILE).is_file():
             return False
         meta = MalmenEditor.read_config(last)
         self.editor.hypernet.load_state_dict(io.load_tensors(last / "editor.safetensors"))

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .common import UsageError, checked_out, load, seed
+from ..formats import MODEL_FILE
 
 
 def add_parser(sub) -> None:
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..patches import Patch, PatchError, apply_patches
 
-    checked_out(args.out, "config.json")
+    checked_out(args.out, MODEL_FILE)
     metas = []
     for path in args.patches:  # JSON only: every patch is checked before the model is loaded
         try:

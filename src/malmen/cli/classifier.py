@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .common import UsageError, checked_out, seed
+from ..formats import HEAD_FILE
 
 
 def add_parser(sub) -> None:
@@ -40,7 +41,7 @@ def examples(path: str, limit: int | None) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    checked_out(args.out, "head.json")
+    checked_out(args.out, HEAD_FILE)
     train, val = examples(args.data, args.limit), examples(args.val_data, None)
     seed(args)
     from ..classifier import build, save_head, train_head

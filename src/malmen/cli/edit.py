@@ -5,6 +5,7 @@ import argparse
 
 from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
                      checked_method, checked_out, checked_stats_data, load, main_process, method_options, progress, seed)
+from ..formats import MODEL_FILE, PATCH_FILE
 
 
 def add_parser(sub) -> None:
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--dry-run estimates trained editors, not --method {method.name}")
     if args.patch_out and method.name != "malmen":
         raise UsageError(f"--patch-out needs a MALMEN editor (a patch is a share of its normal equation), not --method {method.name}")
-    checked_out(args.out, "config.json")
-    checked_out(args.patch_out, "patch.json")
+    checked_out(args.out, MODEL_FILE)
+    checked_out(args.patch_out, PATCH_FILE)
     checked = check_file(args)
     from ..datasets import load_facts
     from ..timing import timed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .common import UsageError, checked_out
+from ..formats import EDITOR_FILE
 
 
 def add_parser(sub) -> None:
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         registry.editor_config(args.editor)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
-    checked_out(args.out, "editor.json")
+    checked_out(args.out, EDITOR_FILE)
     out = export_editor(args.editor, args.out, args.factor_dtype)
     print(f"exported {args.editor} to {out} (factors in {args.factor_dtype})")
     return 0

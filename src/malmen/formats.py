@@ -1,0 +1,10 @@
+"""The file that marks each kind of directory malmen writes.
+
+A writer creates its directory atomically with this file as the marker (``io.atomic_dir``); readers
+recognise the directory by it, and commands refuse to replace a directory without it
+(``io.check_replaceable``). No torch here: the command line checks paths before loading anything.
+"""
+EDITOR_FILE = "editor.json"   # a meta-trained editor: editor.py, export.py
+PATCH_FILE = "patch.json"     # a patch of edited weights: patches.py
+MODEL_FILE = "config.json"    # a saved model (Hugging Face's own marker): models.py
+HEAD_FILE = "head.json"       # a classifier head: classifier.py
