@@ -22,8 +22,8 @@ from torch import nn
 from . import io
 from .adapters.base import longest_module_list
 from .adapters.classifier import ClassifierAdapter
-from .timing import timed
 from .formats import HEAD_FILE
+from .timing import timed
 
 
 def build(encoder: str, num_labels: int = 1, head: str | Path | None = None, scope: str = "head"):

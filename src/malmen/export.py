@@ -13,8 +13,8 @@ import torch
 
 from . import io, registry
 from .editor import EditorConfig
-from .hypernet import HyperNetwork
 from .formats import EDITOR_FILE
+from .hypernet import HyperNetwork
 
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -14,8 +14,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .registry import DEFAULT_MODEL, classifier_head
 from .formats import HEAD_FILE, MODEL_FILE
+from .registry import DEFAULT_MODEL, classifier_head
 
 
 # ---------------------------------------------------------------- loading

@@ -37,11 +37,11 @@ from torch import nn
 
 from . import io
 from .facts import Fact, distinct
+from .formats import PATCH_FILE
 from .models import model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS, Tokens
 from .solver import report as solver_report
 from .tracing import KeyGradTrace
-from .formats import PATCH_FILE
 
 FORMAT = "malmen-patch"
 VERSION = 2  # 2: keys optional (traced again when applied)
@@ -192,6 +192,9 @@ def make_patch(editor, facts: Iterable[Fact], dtype: str = "fp16", store_keys: b
 
     if dtype not in DTYPES:
         raise ValueError(f"patch dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if editor.config.token_weights != "uniform":
+        # apply traces the keys again without the value-gradients that weighed them
+        raise ValueError(f"patches need an editor with uniform token weights, not {editor.config.token_weights!r}")
     facts = list(distinct(facts))
     if not facts:
         raise ValueError("no facts for the patch")

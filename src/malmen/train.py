@@ -28,10 +28,10 @@ from .cache import StepCache
 from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, trace
 from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
+from .formats import EDITOR_FILE
 from .precision import exact_product
 from .timing import timed
 from .tracing import KeyGradTrace
-from .formats import EDITOR_FILE
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, checked_out, load, seed
 from ..formats import MODEL_FILE
+from .common import UsageError, checked_out, load, seed
 
 
 def add_parser(sub) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, checked_out, seed
 from ..formats import HEAD_FILE
+from .common import UsageError, checked_out, seed
 
 
 def add_parser(sub) -> None:

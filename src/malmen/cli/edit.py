@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..formats import MODEL_FILE, PATCH_FILE
 from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
                      checked_method, checked_out, checked_stats_data, load, main_process, method_options, progress, seed)
-from ..formats import MODEL_FILE, PATCH_FILE
 
 
 def add_parser(sub) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, checked_out
 from ..formats import EDITOR_FILE
+from .common import UsageError, checked_out
 
 
 def add_parser(sub) -> None:
