@@ -33,7 +33,6 @@ from .solver import AGGREGATIONS, Tokens
 from .solver import report as solver_report
 from .timing import timed
 from .tracing import KeyGradTrace
-from .weights import TOKEN_WEIGHTS, weighted_keys
 
 FORMAT = registry.FORMAT
 VERSION = 1
@@ -53,7 +52,6 @@ class EditorConfig:
     regulariser: str = "identity"                       # lambda times: identity (the paper) or keys (E[k kᵀ], keystats.py)
     prior_mix: float = 1.0                              # keys: the weight of E[k kᵀ] against the identity
     hyper_precision: str = "tf32"                       # the hyper-network's products: fp32, tf32 (CUDA) or bf16
-    token_weights: str = "uniform"                      # each token's weight in the solve (weights.py): uniform or gradient
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,8 +230,6 @@ class MalmenEditor:
         shapes = shapes_of(model, self.config.modules)
         if self.config.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.config.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
-        if self.config.token_weights not in TOKEN_WEIGHTS:
-            raise ValueError(f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, not {self.config.token_weights!r}")
         if self.config.hyper_precision not in PRECISIONS:
             raise ValueError(f"hyper_precision must be one of {', '.join(PRECISIONS)}, not {self.config.hyper_precision!r}")
         if self.config.keys not in self.adapter.key_positions:
@@ -345,9 +341,7 @@ class MalmenEditor:
                     continue  # modules may see fewer tokens (a T5 decoder layer against its encoder)
                 ks, gs = keys[name][s].to(device), grads[name][s].to(device)  # cached keys may be on disk
                 pk, pg = self.hypernet(name, ks, gs, self.config.hyper_precision)
-                # the hyper-network reads the keys as traced; the solve sees them weighted
-                solved = weighted_keys(ks, gs, self.hypernet.normaliser(name), self.config.token_weights)
-                chunk[name] = Tokens(solved, pk, pg, self.hypernet.eta(name))
+                chunk[name] = Tokens(ks, pk, pg, self.hypernet.eta(name))
             yield chunk
 
     def accumulate(self, aggregator, keys: dict, grads: dict) -> None:

@@ -192,9 +192,6 @@ def make_patch(editor, facts: Iterable[Fact], dtype: str = "fp16", store_keys: b
 
     if dtype not in DTYPES:
         raise ValueError(f"patch dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if editor.config.token_weights != "uniform":
-        # apply traces the keys again without the value-gradients that weighed them
-        raise ValueError(f"patches need an editor with uniform token weights, not {editor.config.token_weights!r}")
     facts = list(distinct(facts))
     if not facts:
         raise ValueError("no facts for the patch")
