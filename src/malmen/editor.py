@@ -23,7 +23,7 @@ from torch import nn
 from . import distributed, io, linear, registry
 from .adapters import Adapter, Batch, adapter_for
 from .facts import Fact, distinct
-from .formats import EDITOR_FILE
+from .formats import EDITOR_FILE, EDITOR_WEIGHTS
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
 from .keystats import Corpus, answer_moments, key_moments, key_prior
 from .methods import REGULARISERS
@@ -455,7 +455,7 @@ class MalmenEditor:
         for key, value in {**self.metadata, **(extra or {})}.items():
             meta.setdefault(key, value)  # never overrides the core entries above
         with io.atomic_dir(path, marker=EDITOR_FILE) as tmp:
-            io.save_tensors(tmp / "editor.safetensors", self.hypernet.stored_state(factor_dtype))
+            io.save_tensors(tmp / EDITOR_WEIGHTS, self.hypernet.stored_state(factor_dtype))
             for filename, tensors in (tensor_files or {}).items():
                 io.save_tensors(tmp / filename, tensors)
             io.write_json(tmp / EDITOR_FILE, meta)
@@ -488,7 +488,7 @@ class MalmenEditor:
                 raise ValueError(message)
             import warnings
             warnings.warn(message)
-        hypernet = HyperNetwork.from_file(Path(path) / "editor.safetensors", shapes, config.hyper)
+        hypernet = HyperNetwork.from_file(Path(path) / EDITOR_WEIGHTS, shapes, config.hyper)
         editor = cls(model, tokenizer, config, hypernet, adapter)
         core = {"format", "version", "config", "shapes", "base_model", "stored_factors"}
         editor.metadata = {k: v for k, v in meta.items() if k not in core}

@@ -13,7 +13,7 @@ import torch
 
 from . import io, registry
 from .editor import EditorConfig
-from .formats import EDITOR_FILE
+from .formats import EDITOR_FILE, EDITOR_WEIGHTS
 from .hypernet import HyperNetwork
 
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -30,10 +30,10 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     path = registry.resolve_editor(source)
     meta = registry.editor_config(path)
     shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-    hypernet = HyperNetwork.from_file(path / "editor.safetensors", shapes, EditorConfig.from_dict(meta["config"]).hyper)
+    hypernet = HyperNetwork.from_file(path / EDITOR_WEIGHTS, shapes, EditorConfig.from_dict(meta["config"]).hyper)
     meta = {**meta, "stored_factors": factor_dtype}
     # the source is read in full first: out may be the source itself; an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:
-        io.save_tensors(tmp / "editor.safetensors", hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
+        io.save_tensors(tmp / EDITOR_WEIGHTS, hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
         io.write_json(tmp / EDITOR_FILE, meta)
     return Path(out)

@@ -120,7 +120,7 @@ class Patch:
         """patch.json, checked for our format (no tensors read: cheap, for input checks)."""
         meta = io.read_json(Path(path) / PATCH_FILE)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}/patch.json: not a malmen patch (format {meta.get('format')!r})")
+            raise ValueError(f"{path}/{PATCH_FILE}: not a malmen patch (format {meta.get('format')!r})")
         return meta
 
     @classmethod

@@ -23,7 +23,7 @@ def resolve_editor(name: str | Path) -> Path:
     if (SHIPPED / str(name) / EDITOR_FILE).is_file():
         return SHIPPED / str(name)
     names = ", ".join(shipped()) or "none"
-    raise FileNotFoundError(f"{name}: no editor.json there and no shipped editor of that name (shipped: {names})")
+    raise FileNotFoundError(f"{name}: no {EDITOR_FILE} there and no shipped editor of that name (shipped: {names})")
 
 
 def classifier_head(name: str) -> Path | None:
@@ -47,7 +47,7 @@ def editor_config(name: str | Path) -> dict:
     try:
         meta = json.loads((path / EDITOR_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}/editor.json: cannot read JSON ({err})") from None
+        raise ValueError(f"{path}/{EDITOR_FILE}: cannot read JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}/editor.json: not a malmen editor (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise ValueError(f"{path}/{EDITOR_FILE}: not a malmen editor (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     return meta

@@ -28,7 +28,7 @@ from .cache import StepCache
 from .editor import EditHandle, MalmenEditor, bucketed, chunks, finetune_loss, trace
 from .evaluate import evaluate, peak_rss_mb
 from .facts import Fact
-from .formats import EDITOR_FILE
+from .formats import EDITOR_FILE, EDITOR_WEIGHTS
 from .precision import exact_product
 from .timing import timed
 from .tracing import KeyGradTrace
@@ -288,7 +288,7 @@ class Trainer:
         if not (last / EDITOR_FILE).is_file():
             return False
         meta = MalmenEditor.read_config(last)
-        self.editor.hypernet.load_state_dict(io.load_tensors(last / "editor.safetensors"))
+        self.editor.hypernet.load_state_dict(io.load_tensors(last / EDITOR_WEIGHTS))
         state = meta["trainer"]
         self.step_index, self.best, self.history = state["step"], state["best"], state["history"]
         self.initialised_from = state.get("initialised_from")
