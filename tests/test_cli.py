@@ -121,6 +121,33 @@ def test_resume_continues_from_last(workspace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_cycles_through_a_mix_of_n(workspace, tmp_path):
+    w = workspace
+    assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--out", str(tmp_path / "mix"), "--steps", "3", "--val-every", "3", *TRAIN[:2],
+                 "--n-edits", "4", "8", *TRAIN[4:]]) == 0
+    log = [json.loads(line) for line in open(tmp_path / "mix" / "train_log.jsonl")]
+    assert [r["n_edits"] for r in log] == [4, 8, 4] and "val_ES" in log[-1]
+    config = json.loads((tmp_path / "mix" / "best" / "editor.json").read_text())["trainer"]["train_config"]
+    assert config["n_edits"] == [4, 8]
+
+
+def test_resuming_with_another_rank_is_refused_in_one_line(workspace, trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "last" / "editor.safetensors").read_bytes()
+    r = run_cli("train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"),
+                "--val-data", str(workspace / "val.jsonl"), "--out", str(run), "--steps", "8",
+                *TRAIN[:1], "16", *TRAIN[2:])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"malmen: error: {run / 'last' / 'editor.safetensors'}: does not match this run's editor "
+                           "(its modules and --rank) (size mismatch for "), r.stderr
+    assert (run / "last" / "editor.safetensors").read_bytes() == before
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "malmen.cli", *args], capture_output=True, text=True, timeout=300)
 

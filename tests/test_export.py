@@ -66,8 +66,9 @@ def test_export_refuses_a_file_that_does_not_match_its_json(tmp_path):
     meta = json.loads((tmp_path / "ed" / "editor.json").read_text())
     meta["config"]["hyper"]["rank"] = 4
     (tmp_path / "ed" / "editor.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="does not match editor.json"):
+    with pytest.raises(ValueError, match="does not match editor.json") as err:
         export_editor(tmp_path / "ed", tmp_path / "out")
+    assert "\n" not in str(err.value) and "size mismatch for " in str(err.value)  # one line, naming a tensor
     assert not (tmp_path / "out").exists()
 
 

@@ -89,6 +89,37 @@ def heldout_meta_loss(trainer, facts):
     return stats["gen_loss"] + trainer.config.c_loc * stats["loc_loss"]
 
 
+def order_trainer(n_edits, facts=50):
+    editor = MalmenEditor(tiny.llama(layers=2), tiny.tokenizer(), EditorConfig(hyper=HyperConfig(rank=4)))
+    return Trainer(editor, tiny.facts(facts, seed=1), [], TrainConfig(n_edits=n_edits, seed=3), "/tmp/unused")
+
+
+def test_one_n_takes_the_next_n_facts_of_each_epochs_shuffle():
+    """The order of runs started before mixes existed: a resumed run must see the same facts."""
+    import random
+
+    trainer = order_trainer(8)
+    for step in range(14):  # 6 steps per epoch of 50 facts: the last 2 of each shuffle wait
+        epoch, pos = divmod(step, 50 // 8)
+        order = list(range(50))
+        random.Random(f"3:{epoch}").shuffle(order)
+        assert trainer.step_facts(step) == [trainer.train[i] for i in order[pos * 8:(pos + 1) * 8]]
+
+
+def test_a_mix_of_n_cycles_through_its_sizes_without_repeats_in_an_epoch():
+    trainer = order_trainer([4, 12])
+    steps = [trainer.step_facts(step) for step in range(12)]
+    assert [len(f) for f in steps] == [4, 12] * 6
+    first = [f.uid for facts in steps[:6] for f in facts]  # 3 cycles of 16 fill an epoch of 50
+    assert len(first) == len(set(first)) == 48
+    assert [f.uid for f in steps[6][:4]] != first[:4]  # a new shuffle
+    assert order_trainer([4, 12]).step_facts(7) == steps[7]  # a function of (seed, step) alone
+    with pytest.raises(ValueError, match="need at least 52 training facts"):
+        order_trainer([40, 12])
+    with pytest.raises(ValueError, match="must be positive"):
+        order_trainer([4, 0])
+
+
 def test_meta_training_raises_heldout_edit_success():
     torch.manual_seed(0)
     # a larger init scale gives the random model peaked, editable predictions

@@ -190,16 +190,22 @@ class HyperNetwork(nn.Module):
 
     @classmethod
     def from_file(cls, path, shapes: dict[str, tuple[int, int]], config: HyperConfig) -> "HyperNetwork":
-        """The network of ``shapes`` and ``config`` with the parameters saved in ``path`` (safetensors;
-        factors stored in another dtype are cast back); ValueError if the file does not match them."""
+        """The network of ``shapes`` and ``config`` with the parameters saved in ``path`` (``load_file``)."""
+        return cls(shapes, config).load_file(path)
+
+    def load_file(self, path, what: str = "editor.json") -> "HyperNetwork":
+        """Load the parameters saved in ``path`` (safetensors) into this network, in place; factors
+        stored in another dtype are cast back.  ValueError naming ``path`` if the file does not
+        match this network's modules, shapes and rank (``what`` says what it was built from)."""
         from . import io
 
-        net = cls(shapes, config)
         try:
-            net.load_state_dict(io.load_tensors(path))  # checks every key and shape
-        except RuntimeError as err:
-            raise ValueError(f"{path}: does not match editor.json ({err})") from None
-        return net
+            self.load_state_dict(io.load_tensors(path))  # checks every key and shape
+        except RuntimeError as err:  # torch lists every mismatch on its own line: the first says enough
+            found = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+            more = f"; {len(found) - 1} more" if len(found) > 1 else ""
+            raise ValueError(f"{path}: does not match {what} ({found[0]}{more})") from None
+        return self
 
     def stored_state(self, factor_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The state dict to save, the blocks' low-rank factors in ``factor_dtype`` (None: as they are).

@@ -38,7 +38,7 @@ from .tracing import KeyGradTrace
 class TrainConfig:
     """Meta-training settings; saved with every checkpoint, so a run can be reproduced."""
 
-    n_edits: int = 64            # facts edited at once per step
+    n_edits: int | list[int] = 64  # facts edited at once per step; a list: the steps cycle through these n (a mix)
     steps: int = 1000
     lr: float = 1e-4             # Adam, hyper-network weights
     scalar_lr: float = 1e-2      # Adam, log-step and log-lambda
@@ -63,8 +63,10 @@ class Trainer:
         self.editor, self.config, self.log = editor, config, log
         self.train = [f for f in train if f.rephrases and f.has_locality]
         self.val = [f for f in val if f.rephrases and f.has_locality][: config.val_n]
-        if len(self.train) < config.n_edits:
-            raise ValueError(f"need at least {config.n_edits} training facts with rephrases and locality, got {len(self.train)}")
+        if min(self.sizes) < 1:
+            raise ValueError(f"facts per step must be positive, not {config.n_edits}")
+        if len(self.train) < sum(self.sizes):  # one step of every size fits in an epoch
+            raise ValueError(f"need at least {sum(self.sizes)} training facts with rephrases and locality, got {len(self.train)}")
         self.out = Path(out_dir)
         hn = editor.hypernet
         self.optimizer = torch.optim.Adam([
@@ -82,14 +84,25 @@ class Trainer:
             trunk = editor.adapter.trunk(editor.modules)
             self.store = TrunkStore(config.trunk_store, editor.model, trunk.blocks, trunk.upto, config.trunk_dtype)
 
+    @property
+    def sizes(self) -> list[int]:
+        """The facts edited at once in each step of a cycle (one size unless ``n_edits`` is a mix)."""
+        n = self.config.n_edits
+        return [n] if isinstance(n, int) else list(n)
+
     # --- data order: a function of (seed, step) only, so a resumed run sees the same facts
     def step_facts(self, step: int) -> list[Fact]:
-        n, total = self.config.n_edits, len(self.train)
-        per_epoch = total // n
-        epoch, pos = divmod(step, per_epoch)
+        """The facts of ``step``: steps cycle through ``sizes``; an epoch, one shuffle of the
+        training facts, holds as many whole cycles as fit in it (the rest waits for a later epoch's
+        shuffle), so with one size a step takes the next n facts of the shuffle."""
+        sizes, total = self.sizes, len(self.train)
+        cycle = sum(sizes)
+        epoch, index = divmod(step, (total // cycle) * len(sizes))
+        turns, turn = divmod(index, len(sizes))
+        start = turns * cycle + sum(sizes[:turn])
         order = list(range(total))
         random.Random(f"{self.config.seed}:{epoch}").shuffle(order)
-        return [self.train[i] for i in order[pos * n:(pos + 1) * n]]
+        return [self.train[i] for i in order[start:start + sizes[turn]]]
 
     def rephrase(self, fact: Fact, step: int) -> str:
         return random.Random(f"{self.config.seed}:{step}:{fact.prompt}").choice(fact.rephrases)
@@ -288,7 +301,8 @@ class Trainer:
         if not (last / EDITOR_FILE).is_file():
             return False
         meta = MalmenEditor.read_config(last)
-        self.editor.hypernet.load_state_dict(io.load_tensors(last / EDITOR_WEIGHTS))
+        # the running editor keeps its optimizer's parameters: loaded in place, not rebuilt
+        self.editor.hypernet.load_file(last / EDITOR_WEIGHTS, what="this run's editor (its modules and --rank)")
         state = meta["trainer"]
         self.step_index, self.best, self.history = state["step"], state["best"], state["history"]
         self.initialised_from = state.get("initialised_from")
@@ -310,10 +324,11 @@ class Trainer:
         cfg = self.config
         start = time.monotonic()  # a budget of wall-clock time, not a measurement
         while self.step_index < cfg.steps:
+            facts = self.step_facts(self.step_index)
             with timed(self.editor.adapter.device) as took:
-                stats = self.meta_step(self.step_facts(self.step_index), self.step_index)
+                stats = self.meta_step(facts, self.step_index)
             self.step_index += 1
-            stats.update(step=self.step_index, seconds=took.seconds, peak_rss_mb=peak_rss_mb())
+            stats.update(step=self.step_index, n_edits=len(facts), seconds=took.seconds, peak_rss_mb=peak_rss_mb())
             out_of_time = cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes
             if self.step_index % cfg.val_every == 0 or self.step_index == cfg.steps or out_of_time:
                 val = self.validate()

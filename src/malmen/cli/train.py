@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
                    "--init-editor, a higher rank widens the editor's blocks, the same shifts at the start "
                    "(default: 256, or the editor's)")
     t.add_argument("--blocks", type=int, default=2, help="residual blocks of the hyper-network")
-    t.add_argument("--n-edits", type=int, default=64, help="facts edited at once per training step")
+    t.add_argument("--n-edits", type=int, nargs="+", default=[64],
+                   help="facts edited at once per training step; several: the steps cycle through them (a mix of n)")
     t.add_argument("--steps", type=int, default=1000, help="train until this step (counted over resumes)")
     t.add_argument("--max-minutes", type=float, help="stop after this long (best checkpoint kept)")
     t.add_argument("--lr", type=float, default=1e-4, help="Adam lr of the hyper-network's weights")
@@ -136,14 +137,16 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
                                   regulariser=args.regulariser or "identity",
                                   prior_mix=1.0 if args.prior_mix is None else args.prior_mix)
             editor = MalmenEditor(model, tok, config)
-        tc = TrainConfig(n_edits=args.n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
+        n_edits = args.n_edits[0] if len(args.n_edits) == 1 else list(args.n_edits)
+        tc = TrainConfig(n_edits=n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
                          c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
                          seed=args.seed, max_minutes=args.max_minutes, cache_dtype=args.cache_dtype,
                          cache_budget_mb=args.cache_budget_mb, trunk_store=args.trunk_store, trunk_dtype=args.trunk_dtype)
         trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
+        resumed = trainer.resume()
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
-    if not trainer.resume() and args.init_editor:
+    if not resumed and args.init_editor:
         trainer.start_from(editor.metadata)
     return trainer
 
@@ -162,7 +165,7 @@ def fit(args: argparse.Namespace, trainer) -> int:
         trainer.fit()
         return 0
     print(f"training {editor.config.aggregation} on {len(trainer.train)} facts ({len(trainer.val)} validation), "
-          f"{tc.n_edits} facts per step, modules {editor.modules}", file=sys.stderr)
+          f"{' / '.join(map(str, trainer.sizes))} facts per step, modules {editor.modules}", file=sys.stderr)
     bar = tqdm(total=tc.steps, initial=trainer.step_index, desc="meta-training", unit="step", dynamic_ncols=True, disable=None)
     log_path = Path(args.out) / "train_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
