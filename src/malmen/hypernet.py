@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .formats import EDITOR_FILE
 from .precision import matmul
 
 
@@ -193,7 +194,7 @@ class HyperNetwork(nn.Module):
         """The network of ``shapes`` and ``config`` with the parameters saved in ``path`` (``load_file``)."""
         return cls(shapes, config).load_file(path)
 
-    def load_file(self, path, what: str = "editor.json") -> "HyperNetwork":
+    def load_file(self, path, what: str = EDITOR_FILE) -> "HyperNetwork":
         """Load the parameters saved in ``path`` (safetensors) into this network, in place; factors
         stored in another dtype are cast back.  ValueError naming ``path`` if the file does not
         match this network's modules, shapes and rank (``what`` says what it was built from)."""
