@@ -144,7 +144,7 @@ def test_resuming_with_another_rank_is_refused_in_one_line(workspace, trained, t
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"malmen: error: {run / 'last' / 'editor.safetensors'}: does not match this run's editor "
-                           "(its modules and --rank) (size mismatch for "), r.stderr
+                           "(its modules and rank) (size mismatch for "), r.stderr
     assert (run / "last" / "editor.safetensors").read_bytes() == before
 
 

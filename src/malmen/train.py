@@ -302,7 +302,7 @@ class Trainer:
             return False
         meta = MalmenEditor.read_config(last)
         # the running editor keeps its optimizer's parameters: loaded in place, not rebuilt
-        self.editor.hypernet.load_file(last / EDITOR_WEIGHTS, what="this run's editor (its modules and --rank)")
+        self.editor.hypernet.load_file(last / EDITOR_WEIGHTS, what="this run's editor (its modules and rank)")
         state = meta["trainer"]
         self.step_index, self.best, self.history = state["step"], state["best"], state["history"]
         self.initialised_from = state.get("initialised_from")
