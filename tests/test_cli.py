@@ -121,6 +121,28 @@ def test_resume_continues_from_last(workspace):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_saved_before_lambda_s_exponent_resumes_and_learns_it(workspace, trained, tmp_path):
+    """A run whose last/ has no lambda_exponent (nor Adam state for it) resumes: the other
+    parameters keep their Adam state (alpha's comes last in the optimizer), alpha starts at 0 and moves."""
+    import shutil
+
+    from malmen import io
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    weights = io.load_tensors(run / "last" / "editor.safetensors")
+    state = io.load_tensors(run / "last" / "optimizer.safetensors")
+    alpha = max(int(k.split(".", 1)[0]) for k in state)  # alpha's index among the optimizer's parameters: the last
+    io.save_tensors(run / "last" / "optimizer.safetensors", {k: v for k, v in state.items() if int(k.split(".", 1)[0]) != alpha})
+    io.save_tensors(run / "last" / "editor.safetensors", {k: v for k, v in weights.items() if k != "lambda_exponent"})
+    w = workspace
+    assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--out", str(run), "--steps", "8", "--val-every", "3", *TRAIN]) == 0
+    after = io.load_tensors(run / "last" / "editor.safetensors")
+    assert after["lambda_exponent"].abs().min() > 0
+    assert not torch.equal(after["log_lambda"], weights["log_lambda"])
+
+
 def test_train_cycles_through_a_mix_of_n(workspace, tmp_path):
     w = workspace
     assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),

@@ -3,7 +3,7 @@ import torch
 
 import tiny
 from malmen import linear
-from malmen.editor import EditHandle, EditorConfig, MalmenEditor
+from malmen.editor import EditHandle, EditorConfig, MalmenEditor, trace
 from malmen.hypernet import HyperConfig
 
 
@@ -45,6 +45,32 @@ def test_an_edit_reports_its_fit_which_a_larger_lambda_lowers():
     mend = MalmenEditor(model, tok, EditorConfig(aggregation="sum", hyper=HyperConfig(rank=8), lm_batch_size=3))
     with mend.edit(tiny.facts(3)) as handle:
         assert handle.report == {}
+
+
+def test_lambda_follows_the_number_of_keys():
+    """lambda(N) = lambda (N / N0)^alpha: alpha = 0 is one lambda for every N (the paper's; every
+    editor saved before alpha existed); alpha = 1 with N0 = N / 2 is the learned lambda times 2."""
+    model, tok = tiny.llama(), tiny.tokenizer()
+    torch.manual_seed(0)
+    editor = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0), lm_batch_size=3))
+    facts = tiny.facts(7)
+    aggregator = editor.new_aggregator()
+    for batch in editor.batches(facts):
+        editor.accumulate(aggregator, *trace(editor.adapter, editor.modules, batch, editor.config.keys))
+    N = {m: float(n) for m, n in aggregator.counts().items()}
+    assert len(set(N.values())) == 1 and N[editor.modules[0]] > 1   # every module sees the answer tokens
+    base = editor.shifts(facts)
+    editor.config.lambda_scale = 2.0
+    doubled = editor.shifts(facts)
+    editor.config.lambda_scale = 1.0
+    for ref in (N[editor.modules[0]] / 5, 1e6):   # alpha = 0: N0 does not matter
+        editor.hypernet.config.lambda_tokens_ref = ref
+        assert all(torch.equal(s, base[m]) for m, s in editor.shifts(facts).items())
+    with torch.no_grad():
+        editor.hypernet.lambda_exponent.fill_(1.0)
+    editor.hypernet.config.lambda_tokens_ref = N[editor.modules[0]] / 2
+    assert all(torch.allclose(s, doubled[m], rtol=1e-4, atol=1e-7) for m, s in editor.shifts(facts).items())
+    assert not all(torch.allclose(s, base[m], rtol=1e-2) for m, s in doubled.items())
 
 
 def test_shift_orientation_linear_and_conv1d():

@@ -108,3 +108,24 @@ def test_widening_keeps_every_output_and_gives_the_new_rank_gradients():
     assert block.V.grad[3:].abs().sum() > 0  # the new rows of V learn at once
     with pytest.raises(ValueError, match="only be widened"):
         wide.widened(2)
+
+
+def test_an_editor_saved_before_lambda_s_exponent_loads_with_alpha_zero(tmp_path):
+    """Files without ``lambda_exponent`` (every editor saved before it) load with alpha = 0, where
+    lambda(N) is lambda for every N; alpha scales lambda by (N / N0)^alpha."""
+    from malmen import io
+
+    shapes = {"a": (6, 4), "b": (5, 3)}
+    net = _trained(shapes)
+    old = {k: v for k, v in net.state_dict().items() if k != "lambda_exponent"}
+    io.save_tensors(tmp_path / "old.safetensors", old)
+    with torch.no_grad():
+        net.lambda_exponent.fill_(0.7)   # the loaded file must overwrite it
+    loaded = HyperNetwork.from_file(tmp_path / "old.safetensors", shapes, net.config)
+    assert torch.equal(loaded.lambda_exponent, torch.zeros(2))
+    for name in shapes:
+        assert torch.equal(loaded.lam(name, 3.0), loaded.lam(name)) and torch.equal(loaded.lam(name, 9e5), loaded.lam(name))
+    with torch.no_grad():
+        loaded.lambda_exponent.fill_(-0.5)
+    ref = loaded.config.lambda_tokens_ref
+    assert torch.allclose(loaded.lam("a", 4 * ref), loaded.lam("a") / 2)

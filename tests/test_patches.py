@@ -70,6 +70,23 @@ def test_patches_sum_to_the_union_in_any_order(aggregation, dtype):
         handle.revert()
 
 
+def test_patches_take_lambda_at_the_union_s_key_count():
+    """With lambda(N) = lambda (N / N0)^alpha (alpha != 0), the patches' one solve uses N of all
+    their keys, as one edit of the union does, not N of the first patch."""
+    editor = editor_for()
+    with torch.no_grad():
+        editor.hypernet.lambda_exponent.fill_(-1.0)
+    editor.hypernet.config.lambda_tokens_ref = 8.0
+    a, b = facts(6, 1), facts(5, 2)
+    union = editor.shifts(a + b)
+    first_alone = editor.shifts(a)
+    handle = apply_patches(editor.model, [make_patch(editor, x, dtype="fp32") for x in (a, b)])
+    assert close(handle.shifts, union, chunking_noise(editor, a + b))
+    handle.revert()
+    editor.hypernet.config.lambda_tokens_ref = 1e6   # lambda itself depends on N here: the test can fail
+    assert not close(editor.shifts(a + b), union, 1e-3) and not close(first_alone, union, 1e-3)
+
+
 def test_undo_add_and_revert():
     editor = editor_for()
     model, base = editor.model, weights(editor.model)

@@ -25,11 +25,11 @@ def reference_meta_loss(trainer, facts, step):
         if ed.config.aggregation == "sum":
             shifts[name] = -hn.eta(name) * pk.t() @ pg
         elif ed.config.aggregation == "malmen":
-            A = k.t() @ k + hn.lam(name) * torch.eye(k.shape[1])
+            A = k.t() @ k + hn.lam(name, k.shape[0]) * torch.eye(k.shape[1])  # lambda at N = this solve's keys
             shifts[name] = torch.linalg.solve(A, k.t() @ diffs[name])
     if ed.config.aggregation == "joint":  # one solve over the concatenated keys, the summed differences
         K = torch.cat([keys[name] for name in ed.modules], -1)
-        reg = torch.diag(torch.cat([hn.lam(name) * torch.ones(keys[name].shape[1]) for name in ed.modules]))
+        reg = torch.diag(torch.cat([hn.lam(name, K.shape[0]) * torch.ones(keys[name].shape[1]) for name in ed.modules]))
         S = torch.linalg.solve(K.t() @ K + reg, K.t() @ sum(diffs.values()))
         shifts = dict(zip(ed.modules, S.split([keys[name].shape[1] for name in ed.modules])))
     params = dict(model.named_parameters())
@@ -65,6 +65,7 @@ def test_separated_backprop_matches_autograd(aggregation):
     with torch.no_grad():  # move away from the identity so that every parameter matters
         hn.log_eta.fill_(math.log(3.0))
         hn.log_lambda.fill_(-2.0)
+        hn.lambda_exponent.copy_(torch.linspace(-0.5, 0.5, len(ed.modules)))  # lambda(N) = lambda (N / N0)^alpha
         for p in hn.network_parameters():
             p.add_(0.05 * torch.randn_like(p))
     # meta_gradients updates the normaliser first and then uses it; the reference uses that state
@@ -74,7 +75,7 @@ def test_separated_backprop_matches_autograd(aggregation):
     loss = reference_meta_loss(trainer, facts, 0)
     loss.backward()
     for name, p in hn.named_parameters():
-        reference = p.grad if p.grad is not None else torch.zeros_like(p)  # lambda is unused by 'sum'
+        reference = p.grad if p.grad is not None else torch.zeros_like(p)  # lambda (and alpha) unused by 'sum'
         assert torch.allclose(ours[name], reference, rtol=2e-3, atol=1e-6), name
         assert ours[name].abs().sum() > 0 or reference.abs().sum() == 0
 

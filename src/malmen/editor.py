@@ -15,7 +15,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -350,17 +350,19 @@ class MalmenEditor:
             for chunk in self.chunks(keys, grads):
                 aggregator.accumulate(chunk)
 
-    def lambdas(self) -> dict[str, torch.Tensor]:
-        """Each module's regulariser of the normal equation: the learned lambda times
+    def lambdas(self, counts: Mapping[str, torch.Tensor | float] | None = None) -> dict[str, torch.Tensor]:
+        """Each module's regulariser of the normal equation for a solve over ``counts[module]``
+        keys (None: at the reference count N0): the learned lambda (N / N0)^alpha times
         ``config.lambda_scale`` (above 1 the shifts move unrelated keys less, below 1 they write
         the facts harder; the scale is a user's choice at edit time, trained as it is saved)."""
-        return {name: self.hypernet.lam(name) * self.config.lambda_scale for name in self.modules}
+        counts = counts or {}
+        return {name: self.hypernet.lam(name, counts.get(name)) * self.config.lambda_scale for name in self.modules}
 
     def solve(self, aggregator):
         """The solution (``.shifts``: each module's shift) of the accumulated statistics, with the
-        regularisers of ``lambdas``."""
+        regularisers of ``lambdas`` at the aggregator's key counts."""
         with torch.no_grad():
-            return aggregator.solve(self.lambdas())
+            return aggregator.solve(self.lambdas(aggregator.counts()))
 
     def shifts(self, facts: Iterable[Fact], progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
         """The shift of every edited module for all ``facts`` (streamed; memory flat in their number

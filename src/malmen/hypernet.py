@@ -4,7 +4,10 @@ One network per distinct edited-weight shape (a, b); modules of the same shape s
 told apart by their index, which selects a per-module scale and shift in every block.  Input is
 ``[k; g]`` (key and value-gradient of one answer token), normalised by running statistics that
 are updated only during meta-training; output is the pseudo key and pseudo value-gradient.
-Each module also owns a learned step ``eta`` and regulariser ``lambda``, both stored as logs.
+Each module also owns a learned step ``eta`` and regulariser ``lambda``, both stored as logs, and
+the exponent ``alpha`` of the regulariser's dependence on the number of keys N of a solve:
+lambda(N) = lambda (N / N0)^alpha, N0 = ``HyperConfig.lambda_tokens_ref`` (alpha = 0: the paper's
+one lambda for every N, and every editor saved before alpha existed).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class HyperConfig:
     n_blocks: int = 2
     eta_init: float = 1e-3    # initial step; training re-initialises it by a line search
     log_lambda_init: float = 0.0
+    lambda_tokens_ref: float = 1024.0   # N0 of lambda(N) = lambda (N / N0)^alpha: where lambda is lambda
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +136,7 @@ class HyperNetwork(nn.Module):
         n = len(self.module_names)
         self.log_eta = nn.Parameter(torch.full((n,), math.log(self.config.eta_init)))
         self.log_lambda = nn.Parameter(torch.full((n,), self.config.log_lambda_init))
+        self.lambda_exponent = nn.Parameter(torch.zeros(n))   # alpha; zero: lambda does not depend on N
 
     def position(self, name: str) -> int:
         return self.module_names.index(name)
@@ -139,8 +144,12 @@ class HyperNetwork(nn.Module):
     def eta(self, name: str) -> torch.Tensor:
         return self.log_eta[self.position(name)].exp()
 
-    def lam(self, name: str) -> torch.Tensor:
-        return self.log_lambda[self.position(name)].exp()
+    def lam(self, name: str, tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Module ``name``'s regulariser for a solve over ``tokens`` keys (None: at N0)."""
+        p = self.position(name)
+        if tokens is None:
+            return self.log_lambda[p].exp()
+        return regulariser_at(self.log_lambda[p], self.lambda_exponent[p], tokens, self.config.lambda_tokens_ref)
 
     def normaliser(self, name: str) -> Normaliser:
         return self.nets[self.index[name][0]].normaliser
@@ -153,7 +162,7 @@ class HyperNetwork(nn.Module):
         return self.nets[key](keys, grads, index, precision)
 
     def scalar_parameters(self) -> list[nn.Parameter]:
-        return [self.log_eta, self.log_lambda]
+        return [self.log_eta, self.log_lambda, self.lambda_exponent]  # appended last: earlier Adam states still line up
 
     def network_parameters(self) -> list[nn.Parameter]:
         return list(self.nets.parameters())
@@ -187,6 +196,7 @@ class HyperNetwork(nn.Module):
             p, q = new.position(name), self.position(source[name])
             new.log_eta[p] = self.log_eta[q] + math.log(eta_factor)
             new.log_lambda[p] = self.log_lambda[q]
+            new.lambda_exponent[p] = self.lambda_exponent[q]
         return new
 
     @classmethod
@@ -200,8 +210,11 @@ class HyperNetwork(nn.Module):
         match this network's modules, shapes and rank (``what`` says what it was built from)."""
         from . import io
 
+        state = io.load_tensors(path)
+        # editors saved before lambda's exponent existed: alpha = 0 is the lambda they were trained with
+        state.setdefault("lambda_exponent", torch.zeros_like(self.lambda_exponent))
         try:
-            self.load_state_dict(io.load_tensors(path))  # checks every key and shape
+            self.load_state_dict(state)  # checks every key and shape
         except RuntimeError as err:  # torch lists every mismatch on its own line: the first says enough
             found = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
             more = f"; {len(found) - 1} more" if len(found) > 1 else ""
@@ -245,7 +258,20 @@ class HyperNetwork(nn.Module):
                     getattr(block, name).copy_(getattr(was, name))
         new.log_eta.copy_(self.log_eta)
         new.log_lambda.copy_(self.log_lambda)
+        new.lambda_exponent.copy_(self.lambda_exponent)
         return new
+
+
+def regulariser_at(log_lambda: torch.Tensor | float, exponent: torch.Tensor | float,
+                   tokens: torch.Tensor | float, ref: float) -> torch.Tensor:
+    """lambda (N / N0)^alpha for a solve over N = ``tokens`` keys, from log lambda and alpha.
+
+    With a fixed lambda the regulariser's weight against the keys' own K^T K already falls as 1 / N;
+    alpha lets meta-training (or a user) say how it should fall instead.  Exactly lambda at alpha = 0."""
+    log_lambda = torch.as_tensor(log_lambda)
+    tokens = torch.as_tensor(tokens).reshape(()).to(log_lambda.device, torch.float64)
+    scale = torch.log(tokens.clamp_min(1.0) / ref).to(log_lambda.dtype)  # N = 0 (nothing to solve): as N = 1
+    return (log_lambda + torch.as_tensor(exponent).to(log_lambda) * scale).exp()
 
 
 def nearest_sources(order: Sequence[str], shapes: dict[str, tuple[int, int]],

@@ -27,6 +27,7 @@ are conflicts: applying refuses them, naming both patches, unless asked to let t
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from torch import nn
 from . import io
 from .facts import Fact, distinct
 from .formats import PATCH_FILE
+from .hypernet import regulariser_at
 from .models import model_identity, same_weights, weight_sample
 from .solver import AGGREGATIONS, Tokens
 from .solver import report as solver_report
@@ -56,6 +58,8 @@ def editor_fingerprint(editor) -> str:
     """SHA-256 of the hyper-network's weights and the editor's configuration: which editor made a patch."""
     digest = hashlib.sha256(repr(sorted(editor.config.to_dict().items())).encode())
     for name, tensor in sorted(editor.hypernet.state_dict().items()):
+        if name == "lambda_exponent" and not tensor.any():
+            continue  # alpha = 0 is every editor saved before alpha existed: their patches still match
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -240,7 +244,11 @@ def make_patch(editor, facts: Iterable[Fact], dtype: str = "fp16", store_keys: b
         "editor": {"fingerprint": editor_fingerprint(editor), "aggregation": editor.config.aggregation,
                    "keys": editor.config.keys, "modules": list(modules),
                    "shapes": {m: list(s) for m, s in shapes.items()},
-                   "lambdas": {m: float(lam.detach()) for m, lam in editor.lambdas().items()}},
+                   # lambda at N0 and its exponent: the solve over all patches' keys takes lambda(N)
+                   "lambdas": {m: float(lam.detach()) for m, lam in editor.lambdas().items()},
+                   "lambda_exponents": {m: float(editor.hypernet.lambda_exponent[editor.hypernet.position(m)].detach())
+                                        for m in modules},
+                   "lambda_tokens_ref": editor.hypernet.config.lambda_tokens_ref},
         "base_model": base,
         "facts": [{"id": f.uid if f.uid is not None else str(i), "prompt_sha1": sha1(f.prompt),
                    "target_sha1": sha1(f.target), "prompt": f.prompt, "target": f.target,
@@ -341,8 +349,12 @@ class PatchHandle:
     def _solve_and_apply(self) -> None:
         from .editor import EditHandle
 
-        lams = {m: torch.tensor(v) for m, v in self.patches[0].meta["editor"]["lambdas"].items()}
+        editor = self.patches[0].meta["editor"]
+        exponents = editor.get("lambda_exponents", {})  # patches written before the exponent: alpha = 0
+        counts = self.aggregator.counts()
         with torch.no_grad():
+            lams = {m: regulariser_at(math.log(v), exponents.get(m, 0.0), counts[m], editor.get("lambda_tokens_ref", 1.0))
+                    for m, v in editor["lambdas"].items()}
             solution = self.aggregator.solve(lams)
             told = solver_report(self.aggregator, solution) if all(p.has_norms for p in self.patches) else {}
         if self.edit is not None:

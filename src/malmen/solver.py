@@ -175,6 +175,10 @@ class NormalEquation:
         self.fold()
         return {"A": self.A, "B": self.B, "dd": self.dd, "n": self.n}
 
+    def count(self) -> torch.Tensor:
+        """N, the keys this solve has seen (all processes' once the statistics are added)."""
+        return self.n
+
     def sums_nbytes(self) -> int:
         """Memory of the fp64 sums (the primal form: the most this aggregation ever holds)."""
         return 8 * self.a * (self.a + self.b)
@@ -287,6 +291,10 @@ class SumAggregation:
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"B": self.B}
 
+    def count(self) -> torch.Tensor:
+        """This process's keys (the sum has no regulariser for N to scale)."""
+        return torch.tensor(float(self.tokens), dtype=torch.float64)
+
     def sums_nbytes(self) -> int:
         return self.B.numel() * self.B.element_size()
 
@@ -352,6 +360,10 @@ class PerModule:
             target = self.parts[name].statistics()[which]  # the live sums (a normal equation folds first)
             target.add_(value.to(target), alpha=sign)
 
+    def counts(self) -> dict[str, torch.Tensor]:
+        """Each module's number of keys N (for a regulariser that depends on it, hypernet.py)."""
+        return {name: part.count() for name, part in self.parts.items()}
+
     def solve(self, lams: Mapping[str, torch.Tensor]) -> "PerModuleSolution":
         return PerModuleSolution({name: part.solve(lams[name]) for name, part in self.parts.items()})
 
@@ -416,6 +428,7 @@ class JointNormalEquation:
         self.B = torch.zeros(total, b, dtype=torch.float64, device=device)
         self.priors = {n: p.to(self.device, torch.float64) for n, p in (priors or {}).items()}
         self.dd = torch.zeros(1, dtype=torch.float64, device=device)  # |sum_l d_l|^2, for the fit alone
+        self.n = torch.zeros(1, dtype=torch.float64, device=device)   # keys N, summed like A and B
         self.tokens = 0
 
     def sums_nbytes(self) -> int:
@@ -435,10 +448,15 @@ class JointNormalEquation:
         self.A.add_(exact_product(keys.t(), keys))
         self.B.add_(keys.float().t() @ d.float())
         self.dd.add_(d.square().sum(dtype=torch.float64))  # no fp64 copy of d
+        self.n.add_(keys.shape[0])
         self.tokens += keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:
-        return {"joint/A": self.A, "joint/B": self.B, "joint/dd": self.dd}
+        return {"joint/A": self.A, "joint/B": self.B, "joint/dd": self.dd, "joint/n": self.n}
+
+    def counts(self) -> dict[str, torch.Tensor]:
+        """N for every module: each sees the same keys."""
+        return {name: self.n for name in self.names}
 
     def add_statistics(self, stats: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
         for key, value in stats.items():

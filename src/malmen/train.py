@@ -41,7 +41,7 @@ class TrainConfig:
     n_edits: int | list[int] = 64  # facts edited at once per step; a list: the steps cycle through these n (a mix)
     steps: int = 1000
     lr: float = 1e-4             # Adam, hyper-network weights
-    scalar_lr: float = 1e-2      # Adam, log-step and log-lambda
+    scalar_lr: float = 1e-2      # Adam, log-step, log-lambda and its exponent
     c_loc: float = 1.0
     clip: float = 1.0
     val_every: int = 50
@@ -134,7 +134,7 @@ class Trainer:
             solution = self.editor.solve(aggregator)  # on every process: each needs it for the backward
             G, stats = self.shift_gradients(facts, step, solution.shifts, n)
             distributed.all_reduce(G.values())
-            self.backward_through_solve(solution, G, keys, grads)
+            self.backward_through_solve(solution, G, keys, grads, aggregator.counts())
         distributed.all_reduce_grads(self.editor.hypernet.parameters())
         if self.store is not None:
             self.store.flush()
@@ -220,14 +220,15 @@ class Trainer:
             return self.store.step(batch.input_ids, batch.attention_mask)
         return trunk.step() if trunk is not None else contextlib.nullcontext()
 
-    def backward_through_solve(self, solution, G: dict, keys: dict, grads: dict) -> None:
+    def backward_through_solve(self, solution, G: dict, keys: dict, grads: dict, counts: dict) -> None:
         """Step 4: M = (A + lambda I)^-1 G per module (solver.py), then the hyper-network's gradient
-        chunk by chunk of cached tokens (its graph never meets the LM's)."""
+        chunk by chunk of cached tokens (its graph never meets the LM's); lambda's (and its
+        exponent's) through dL/dlambda at the solve's key ``counts``."""
         ed = self.editor
         self.optimizer.zero_grad(set_to_none=True)
         adjoint = solution.backward(G)
         if distributed.is_main():  # the same on every process: counted once when the gradients are added
-            lams = ed.lambdas()
+            lams = ed.lambdas(counts)
             sum(lams[name] * adjoint.dlam[name].detach() for name in ed.modules).backward()
         for chunk in ed.chunks(keys, grads):
             adjoint.surrogate(chunk).backward()

@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     t.add_argument("--steps", type=int, default=1000, help="train until this step (counted over resumes)")
     t.add_argument("--max-minutes", type=float, help="stop after this long (best checkpoint kept)")
     t.add_argument("--lr", type=float, default=1e-4, help="Adam lr of the hyper-network's weights")
-    t.add_argument("--scalar-lr", type=float, default=1e-2, help="Adam lr of log-step and log-lambda")
+    t.add_argument("--scalar-lr", type=float, default=1e-2, help="Adam lr of log-step, log-lambda and lambda's exponent")
     t.add_argument("--c-loc", type=float, default=1.0, help="weight of the locality loss")
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     t.add_argument("--val-every", type=int, default=50, help="validate (and checkpoint) every this many steps")
