@@ -145,11 +145,13 @@ class HyperNetwork(nn.Module):
         return self.log_eta[self.position(name)].exp()
 
     def lam(self, name: str, tokens: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Module ``name``'s regulariser for a solve over ``tokens`` keys (None: at N0)."""
-        p = self.position(name)
-        if tokens is None:
-            return self.log_lambda[p].exp()
-        return regulariser_at(self.log_lambda[p], self.lambda_exponent[p], tokens, self.config.lambda_tokens_ref)
+        """Module ``name``'s regulariser for a solve over ``tokens`` keys (None: at N0, lambda itself)."""
+        ref = self.config.lambda_tokens_ref
+        return regulariser_at(self.log_lambda[self.position(name)], self.exponent(name), ref if tokens is None else tokens, ref)
+
+    def exponent(self, name: str) -> torch.Tensor:
+        """Module ``name``'s alpha in lambda(N) = lambda (N / N0)^alpha."""
+        return self.lambda_exponent[self.position(name)]
 
     def normaliser(self, name: str) -> Normaliser:
         return self.nets[self.index[name][0]].normaliser

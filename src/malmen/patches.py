@@ -246,8 +246,7 @@ def make_patch(editor, facts: Iterable[Fact], dtype: str = "fp16", store_keys: b
                    "shapes": {m: list(s) for m, s in shapes.items()},
                    # lambda at N0 and its exponent: the solve over all patches' keys takes lambda(N)
                    "lambdas": {m: float(lam.detach()) for m, lam in editor.lambdas().items()},
-                   "lambda_exponents": {m: float(editor.hypernet.lambda_exponent[editor.hypernet.position(m)].detach())
-                                        for m in modules},
+                   "lambda_exponents": {m: float(editor.hypernet.exponent(m).detach()) for m in modules},
                    "lambda_tokens_ref": editor.hypernet.config.lambda_tokens_ref},
         "base_model": base,
         "facts": [{"id": f.uid if f.uid is not None else str(i), "prompt_sha1": sha1(f.prompt),

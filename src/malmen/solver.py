@@ -280,20 +280,20 @@ class SumAggregation:
         if prior is not None:
             raise ValueError("MEND's sum aggregation has no regulariser to shape (regulariser: identity)")
         self.B = torch.zeros(a, b, dtype=torch.float64, device=device)
-        self.tokens = 0
+        self.n = torch.zeros(1, dtype=torch.float64, device=device)   # keys N, on the device: no host copy per solve
 
     def accumulate(self, t: Tokens) -> None:
         # the tokens come to this module's device (as in NormalEquation), not an a x b product
         pkeys, pgrads, eta = (x.float().to(self.B.device) for x in (t.pkeys, t.pgrads, t.eta))
         self.B.add_(pkeys.t() @ (-eta * pgrads))
-        self.tokens += t.keys.shape[0]
+        self.n.add_(t.keys.shape[0])
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"B": self.B}
 
     def count(self) -> torch.Tensor:
         """This process's keys (the sum has no regulariser for N to scale)."""
-        return torch.tensor(float(self.tokens), dtype=torch.float64)
+        return self.n
 
     def sums_nbytes(self) -> int:
         return self.B.numel() * self.B.element_size()
@@ -429,7 +429,6 @@ class JointNormalEquation:
         self.priors = {n: p.to(self.device, torch.float64) for n, p in (priors or {}).items()}
         self.dd = torch.zeros(1, dtype=torch.float64, device=device)  # |sum_l d_l|^2, for the fit alone
         self.n = torch.zeros(1, dtype=torch.float64, device=device)   # keys N, summed like A and B
-        self.tokens = 0
 
     def sums_nbytes(self) -> int:
         """Memory of the fp64 sums."""
@@ -449,7 +448,6 @@ class JointNormalEquation:
         self.B.add_(keys.float().t() @ d.float())
         self.dd.add_(d.square().sum(dtype=torch.float64))  # no fp64 copy of d
         self.n.add_(keys.shape[0])
-        self.tokens += keys.shape[0]
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"joint/A": self.A, "joint/B": self.B, "joint/dd": self.dd, "joint/n": self.n}
