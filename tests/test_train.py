@@ -46,6 +46,9 @@ def reference_meta_loss(trainer, facts, step):
 
     n = len(facts)
     l_gen = finetune_loss(logits(gen), gen) / n
+    if trainer.config.c_edit:  # the edit prompts' own loss, with the same shifts applied
+        edit = adapter.batch([f.prompt for f in facts], [f.target for f in facts])
+        l_gen = l_gen + trainer.config.c_edit * finetune_loss(logits(edit), edit) / n
     kl = (before.exp() * (before - torch.log_softmax(logits(loc), -1))).sum(-1)
     l_loc = loc.per_fact_sum(kl) / n
     for name, p in model.named_parameters():
@@ -53,14 +56,14 @@ def reference_meta_loss(trainer, facts, step):
     return l_gen + trainer.config.c_loc * l_loc
 
 
-@pytest.mark.parametrize("aggregation", ["malmen", "sum", "joint"])
-def test_separated_backprop_matches_autograd(aggregation):
+@pytest.mark.parametrize("aggregation, c_edit", [("malmen", 0.0), ("sum", 0.0), ("joint", 0.0), ("malmen", 0.6)])
+def test_separated_backprop_matches_autograd(aggregation, c_edit):
     torch.manual_seed(0)
     model, tok = tiny.llama(layers=3), tiny.tokenizer()
     ed = MalmenEditor(model, tok, EditorConfig(modules=[], aggregation=aggregation, hyper=HyperConfig(rank=8),
                                                lm_batch_size=3, hyper_batch_size=5))
     facts = tiny.facts(8, seed=3)
-    trainer = Trainer(ed, facts, facts, TrainConfig(n_edits=8, c_loc=0.7, calibrate_eta=False), "/tmp/unused")
+    trainer = Trainer(ed, facts, facts, TrainConfig(n_edits=8, c_loc=0.7, c_edit=c_edit, calibrate_eta=False), "/tmp/unused")
     hn = ed.hypernet
     with torch.no_grad():  # move away from the identity so that every parameter matters
         hn.log_eta.fill_(math.log(3.0))

@@ -4,7 +4,8 @@ One step on n facts:
   1. trace keys k_j and value-gradients g_j of the edit prompts (LM frozen, no weight grads);
      update the input normaliser;
   2. hyper-network (no grad) -> d_j -> sufficient statistics -> S* per module;
-  3. apply S*; L_meta = L_gen (rephrases) + c_loc * KL(p_before || p_after) (locality); backprop
+  3. apply S*; L_meta = L_gen (rephrases) + c_edit * L_edit (the edit prompts themselves; 0 in the
+     paper) + c_loc * KL(p_before || p_after) (locality); backprop
      through the LM in micro-batches, keeping only G = dL/dS = sum_t k_t g_t^T per module; revert;
   4. backprop through the solve (M = (A + lambda I)^-1 G), then through the hyper-network chunk by
      chunk; clip; Adam.
@@ -43,6 +44,7 @@ class TrainConfig:
     lr: float = 1e-4             # Adam, hyper-network weights
     scalar_lr: float = 1e-2      # Adam, log-step, log-lambda and its exponent
     c_loc: float = 1.0
+    c_edit: float = 0.0          # weight of the edit prompts' own loss in L_meta (0: rephrases only, the paper's)
     clip: float = 1.0
     val_every: int = 50
     val_n: int = 128             # validation facts edited at once
@@ -171,16 +173,20 @@ class Trainer:
 
     def shift_gradients(self, facts: list[Fact], step: int, shifts: dict[str, torch.Tensor],
                         n: int | None = None) -> tuple[dict, dict]:
-        """Step 3: with the shifts applied, L_meta = L_gen (rephrases) + c_loc * KL (locality),
-        backpropagated through the LM in micro-batches; only G = dL/dS of each module is kept.
-        Losses are means over the ``n`` facts of the step (all processes'; default: these)."""
+        """Step 3: with the shifts applied, L_meta = L_gen (rephrases) + c_edit * L_edit (the edit
+        prompts; with ``c_edit`` > 0) + c_loc * KL (locality), backpropagated through the LM in
+        micro-batches; only G = dL/dS of each module is kept.  Losses are means over the ``n``
+        facts of the step (all processes'; default: these)."""
         ed, cfg = self.editor, self.config
         adapter, modules = ed.adapter, ed.modules
 
         def batches(pairs):
             return [adapter.batch(*zip(*g)) for g in bucketed(pairs, ed.config.lm_batch_size, lambda p: len(p[0]) + len(p[1]))]
 
-        gen_batches = batches([(self.rephrase(f, step), f.target) for f in facts])
+        # (name, micro-batches, weight): the answer losses; locality is the KL below
+        answer_terms = [("gen", batches([(self.rephrase(f, step), f.target) for f in facts]), 1.0)]
+        if cfg.c_edit:
+            answer_terms.append(("edit", batches([(f.prompt, f.target) for f in facts]), cfg.c_edit))
         loc_batches = batches([(f.locality_prompt, f.locality_answer) for f in facts])
         # the blocks below the edits run once per locality prompt (twice per step without a store)
         trunk = adapter.trunk(modules)
@@ -192,26 +198,37 @@ class Trainer:
         trunk.rewind()
         G = {name: torch.zeros_like(shifts[name]) for name in modules}
         n = n or len(facts)
-        gen_loss = loc_loss = 0.0
+        losses = {f"{name}_loss": 0.0 for name, _, _ in answer_terms}
+        losses["loc_loss"] = 0.0
+
+        def backward(batch, replayed, loss_of) -> None:
+            with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, adapter.context_rows(batch, modules)) as t:
+                loss_of(adapter.answer_logits(batch)).backward()
+            for name in modules:  # exact terms on tensor cores for a half-precision model
+                G[name] += exact_product(t.keys[name].t(), t.grads[name])
+
+        def answer_loss(batch, name: str, weight: float):
+            def loss_of(logits):
+                loss = finetune_loss(logits, batch) / n
+                losses[f"{name}_loss"] += loss.detach()  # a tensor: no host round-trip per micro-batch
+                return weight * loss
+            return loss_of
+
+        def locality_loss(batch, before_logp):
+            def loss_of(logits):
+                logp = torch.log_softmax(logits, -1)
+                fact_kl = batch.per_fact_sum((before_logp.exp() * (before_logp - logp)).sum(-1)) / n
+                losses["loc_loss"] += fact_kl.detach()
+                return cfg.c_loc * fact_kl
+            return loss_of
+
         with EditHandle(adapter.model, shifts):
-            for kind, group in (("gen", gen_batches), ("loc", loc_batches)):
-                for i, batch in enumerate(group):
-                    replayed = self.trunk_replay(batch, trunk if kind == "loc" else None)
-                    with torch.enable_grad(), replayed, KeyGradTrace(adapter.model, modules, adapter.context_rows(batch, modules)) as t:
-                        logits = adapter.answer_logits(batch)
-                        if kind == "gen":
-                            loss = finetune_loss(logits, batch) / n
-                            gen_loss = gen_loss + loss.detach()  # a tensor: no host round-trip per micro-batch
-                        else:
-                            logp = torch.log_softmax(logits, -1)
-                            kl = (before[i].exp() * (before[i] - logp)).sum(-1)
-                            fact_kl = batch.per_fact_sum(kl) / n
-                            loss = cfg.c_loc * fact_kl
-                            loc_loss = loc_loss + fact_kl.detach()
-                        loss.backward()
-                    for name in modules:  # exact terms on tensor cores for a half-precision model
-                        G[name] += exact_product(t.keys[name].t(), t.grads[name])
-        return G, {"gen_loss": float(gen_loss), "loc_loss": float(loc_loss)}
+            for name, group, weight in answer_terms:
+                for batch in group:
+                    backward(batch, self.trunk_replay(batch), answer_loss(batch, name, weight))
+            for batch, before_logp in zip(loc_batches, before):
+                backward(batch, self.trunk_replay(batch, trunk), locality_loss(batch, before_logp))
+        return G, {k: float(v) for k, v in losses.items()}
 
     def trunk_replay(self, batch, trunk=None):
         """Where the blocks below the edits get their output: the persistent store when there is

@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-4, help="Adam lr of the hyper-network's weights")
     t.add_argument("--scalar-lr", type=float, default=1e-2, help="Adam lr of log-step, log-lambda and lambda's exponent")
     t.add_argument("--c-loc", type=float, default=1.0, help="weight of the locality loss")
+    t.add_argument("--c-edit", type=float, default=0.0,
+                   help="weight of the edit prompts' own loss beside the rephrases' (0: rephrases only, the paper's)")
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     t.add_argument("--val-every", type=int, default=50, help="validate (and checkpoint) every this many steps")
     t.add_argument("--val-n", type=int, default=128, help="validation facts edited at once")
@@ -139,7 +141,7 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
             editor = MalmenEditor(model, tok, config)
         n_edits = args.n_edits[0] if len(args.n_edits) == 1 else list(args.n_edits)
         tc = TrainConfig(n_edits=n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
-                         c_loc=args.c_loc, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
+                         c_loc=args.c_loc, c_edit=args.c_edit, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
                          seed=args.seed, max_minutes=args.max_minutes, cache_dtype=args.cache_dtype,
                          cache_budget_mb=args.cache_budget_mb, trunk_store=args.trunk_store, trunk_dtype=args.trunk_dtype)
         trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
