@@ -186,7 +186,7 @@ class Trainer:
         # (name, micro-batches, weight): the answer losses; locality is the KL below
         answer_terms = [("gen", batches([(self.rephrase(f, step), f.target) for f in facts]), 1.0)]
         if cfg.c_edit:
-            answer_terms.append(("edit", batches([(f.prompt, f.target) for f in facts]), cfg.c_edit))
+            answer_terms.append(("edit", list(ed.batches(facts)), cfg.c_edit))  # step 1's micro-batches
         loc_batches = batches([(f.locality_prompt, f.locality_answer) for f in facts])
         # the blocks below the edits run once per locality prompt (twice per step without a store)
         trunk = adapter.trunk(modules)
