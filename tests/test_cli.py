@@ -334,6 +334,23 @@ def test_train_continues_from_an_editor(workspace, trained):
     assert meta["trainer"]["initialised_from"]["step"] == start and meta["trainer"]["train_config"]["c_loc"] == 3
 
 
+def test_train_from_an_editor_keeps_its_provenance_as_the_parents(workspace, trained, tmp_path):
+    import shutil
+
+    w = workspace
+    parent = tmp_path / "parent"
+    shutil.copytree(trained / "best", parent)
+    meta = json.loads((parent / "editor.json").read_text())
+    meta["provenance"] = {"commands": ["malmen train --out parent"]}
+    (parent / "editor.json").write_text(json.dumps(meta))
+    assert main(["train", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data", str(w / "val.jsonl"),
+                 "--init-editor", str(parent), "--out", str(w / "child"), "--n-edits", "8",
+                 "--steps", str(meta["trainer"]["step"] + 1), "--val-every", "1", "--val-n", "8", "--lm-batch-size", "4"]) == 0
+    child = json.loads((w / "child" / "last" / "editor.json").read_text())
+    assert "provenance" not in child
+    assert child["trainer"]["initialised_from"]["provenance"] == {"commands": ["malmen train --out parent"]}
+
+
 def test_train_moves_an_editor_to_other_layers(workspace, trained):
     w = workspace
     mods = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]

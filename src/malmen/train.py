@@ -306,11 +306,16 @@ class Trainer:
 
         The data order continues at the editor's recorded step, the Adam state starts fresh, the
         step-size line search is skipped and the best checkpoint is chosen anew. The editor's
-        earlier trainer record is kept in the new checkpoints under ``initialised_from``.
+        earlier trainer record, and its ``provenance``, are kept in the new checkpoints under
+        ``initialised_from``.
         """
         state = meta.get("trainer", {})
         self.step_index = int(state.get("step", 0))
         self.initialised_from = {k: v for k, v in state.items() if k != "history"}
+        # the loaded editor's provenance tells how *it* was made; saved at the top level it would be
+        # read as this run's (a shipped editor once carried its parent's this way)
+        if "provenance" in self.editor.metadata:
+            self.initialised_from["provenance"] = self.editor.metadata.pop("provenance")
         self.log(f"starting from an editor trained for {self.step_index} steps")
 
     def resume(self) -> bool:
