@@ -22,7 +22,6 @@ from torch import nn
 
 from . import distributed, io, linear, registry
 from .adapters import Adapter, Batch, adapter_for
-from .contexts import in_contexts, prefixes
 from .facts import Fact, distinct
 from .formats import EDITOR_FILE, EDITOR_WEIGHTS
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
@@ -53,7 +52,6 @@ class EditorConfig:
     regulariser: str = "identity"                       # lambda times: identity (the paper) or keys (E[k kᵀ], keystats.py)
     prior_mix: float = 1.0                              # keys: the weight of E[k kᵀ] against the identity
     hyper_precision: str = "tf32"                       # the hyper-network's products: fp32, tf32 (CUDA) or bf16
-    contexts: list[str] = field(default_factory=list)   # prefixes each fact is also traced behind (contexts.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -320,10 +318,6 @@ class MalmenEditor:
         return AGGREGATIONS[self.config.aggregation](self.hypernet.shapes, device=self.adapter.device,
                                                       placement=self.placement(), **extra)
 
-    def traced(self, facts: Iterable[Fact]) -> Iterator[Fact]:
-        """What an edit traces of ``facts``: each fact, and its copies behind ``config.contexts``."""
-        return in_contexts(facts, self.config.contexts)
-
     def batches(self, facts: Iterable[Fact], prompt: Callable[[Fact], str] = lambda f: f.prompt) -> Iterator[Batch]:
         """Teacher-forced LM micro-batches of ``facts``, grouped by length to waste little padding."""
         for batch, _ in self.batches_with_facts(facts, prompt):
@@ -385,7 +379,7 @@ class MalmenEditor:
         aggregator = self.new_aggregator()
         seen = 0
         pending = TokenBuffer(self.modules)
-        for batch in self.batches(self.traced(distributed.shard(distinct(facts)))):
+        for batch in self.batches(distributed.shard(distinct(facts))):
             pending.add(*trace(self.adapter, self.modules, batch, self.config.keys))
             if pending.tokens >= self.config.hyper_batch_size:
                 self.accumulate(aggregator, *pending.take())
@@ -518,8 +512,6 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
             setattr(loaded.config, key, options[key])
     if loaded.config.regulariser not in REGULARISERS:
         raise ValueError(f"--regulariser must be one of {', '.join(REGULARISERS)}, not {loaded.config.regulariser!r}")
-    if options.get("contexts") is not None:
-        loaded.config.contexts = prefixes(options["contexts"])
     if options.get("stats_dir"):
         loaded.stats_dir = options["stats_dir"]
     if options.get("stats_texts"):

@@ -163,9 +163,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                     Option("--stats-data", str, None, "malmen with --regulariser keys: take the key statistics at "
                            "the answer positions of this fact file's locality prompts (its train part, the first "
                            "--stats-texts), not from text the model samples"),
-                    Option("--contexts", int, None, "malmen: also trace every fact behind this many short "
-                           "prefixes (contexts.PREFIXES; MEMIT's context templates), so that its edit holds beyond "
-                           "its prompt's own words (default: as the editor was trained)"),
                     STATS_TEXTS, STATS_DIR)),
     Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
            trained=True, aggregations=("sum",), device_map=True),
