@@ -1,6 +1,7 @@
 """The command line on a tiny model.  Every test builds what it needs through fixtures, so any
 subset, in any order, runs the same."""
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -119,6 +120,9 @@ def test_resume_continues_from_last(workspace):
     a = load_file(w / "full" / "last" / "editor.safetensors")
     b = load_file(w / "resumed" / "last" / "editor.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the editor keeps every command that made it, as typed, the resumed run's after the first's
+    commands = json.loads((w / "resumed" / "last" / "editor.json").read_text())["commands"]
+    assert commands == [shlex.join(["malmen", *args, "--out", str(w / "resumed"), "--steps", s]) for s in ("2", "4")]
 
 
 def test_a_run_saved_before_lambda_s_exponent_resumes_and_learns_it(workspace, trained, tmp_path):
@@ -348,6 +352,8 @@ def test_train_from_an_editor_keeps_its_provenance_as_the_parents(workspace, tra
                  "--steps", str(meta["trainer"]["step"] + 1), "--val-every", "1", "--val-n", "8", "--lm-batch-size", "4"]) == 0
     child = json.loads((w / "child" / "last" / "editor.json").read_text())
     assert "provenance" not in child
+    assert child["commands"][:-1] == meta["commands"] and child["commands"][-1].startswith("malmen train ")
+    assert f"--init-editor {parent}" in child["commands"][-1]
     assert child["trainer"]["initialised_from"]["provenance"] == {"commands": ["malmen train --out parent"]}
 
 

@@ -76,6 +76,8 @@ def test_export_command(tmp_path, capsys):
     trained_editor(tmp_path)
     assert main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "half")]) == 0
     assert "factors in float16" in capsys.readouterr().out
+    made = json.loads((tmp_path / "half" / "editor.json").read_text())["commands"]
+    assert made[-1] == f"malmen export --editor {tmp_path / 'ed'} --out {tmp_path / 'half'}"
     assert (tmp_path / "half" / "editor.safetensors").stat().st_size < (tmp_path / "ed" / "editor.safetensors").stat().st_size
     assert main(["export", "--editor", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "no editor.json" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -19,9 +19,10 @@ from .hypernet import HyperNetwork
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "float16") -> Path:
+def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "float16", command: str | None = None) -> Path:
     """Write the editor ``source`` (a directory or shipped name) to ``out`` with its factors stored in
-    ``factor_dtype``, atomically; every other entry of editor.json and every other tensor is kept.
+    ``factor_dtype``, atomically; every other entry of editor.json and every other tensor is kept,
+    and ``command`` (the export's, as typed) is added to its ``commands``.
 
     Returns ``out``. Loading the result (``MalmenEditor.from_pretrained``) casts the factors back to
     float32, so the edit differs from the source's only by their rounding."""
@@ -32,6 +33,8 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
     hypernet = HyperNetwork.from_file(path / EDITOR_WEIGHTS, shapes, EditorConfig.from_dict(meta["config"]).hyper)
     meta = {**meta, "stored_factors": factor_dtype}
+    if command is not None:
+        meta["commands"] = [*meta.get("commands", []), command]
     # the source is read in full first: out may be the source itself; an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:
         io.save_tensors(tmp / EDITOR_WEIGHTS, hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))

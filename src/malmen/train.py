@@ -79,6 +79,9 @@ class Trainer:
         self.best = -math.inf
         self.history: list[dict] = []
         self.initialised_from: dict | None = None  # trainer record of the editor this run continues
+        # the commands that made the editor, oldest first: an editor continued (init) brings its own;
+        # the caller appends this run's (``record``), a resumed run finds its earlier ones in last/
+        self.commands: list[str] = list(editor.metadata.get("commands", []))
         self.store = None
         if config.trunk_store:
             from .trunkstore import TrunkStore
@@ -299,7 +302,12 @@ class Trainer:
                 for key, value in self.optimizer.state.get(p, {}).items():
                     tensors[f"{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
             files["optimizer.safetensors"] = tensors
-        self.editor.save_pretrained(self.out / name, extra={"trainer": state}, tensor_files=files)
+        self.editor.save_pretrained(self.out / name, extra={"trainer": state, "commands": self.commands},
+                                    tensor_files=files)
+
+    def record(self, command: str) -> None:
+        """Add ``command`` (this run's, as typed) to the commands saved with every checkpoint."""
+        self.commands.append(command)
 
     def start_from(self, meta: dict) -> None:
         """Continue meta-training an existing editor (its weights are already in ``self.editor``).
@@ -329,6 +337,7 @@ class Trainer:
         state = meta["trainer"]
         self.step_index, self.best, self.history = state["step"], state["best"], state["history"]
         self.initialised_from = state.get("initialised_from")
+        self.commands = list(meta.get("commands", []))
         opt = last / "optimizer.safetensors"
         if opt.is_file():
             tensors = io.load_tensors(opt)

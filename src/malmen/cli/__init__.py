@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import apply, bench, classifier, edit, evaluate, export, train
-from .common import HelpFormatter, UsageError
+from .common import HelpFormatter, UsageError, command_line
 
 COMMANDS = (train, edit, apply, evaluate, bench, classifier, export)
 
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str] | None = None) -> int:
     """The command's exit status (2 for bad input, 130 when interrupted)."""
     args = parser().parse_args(argv)
+    args.command = command_line(sys.argv[1:] if argv is None else argv)
     from ..facts import FactError
 
     try:

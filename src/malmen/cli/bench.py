@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (DATA_HINT, UsageError, add_common, add_hyper_precision, checked_method, command_line, load,
+from .common import (DATA_HINT, UsageError, add_common, add_hyper_precision, checked_method, load,
                      method_options, read_facts, seed, write_result)
 
 
@@ -111,7 +111,7 @@ def quality(args: argparse.Namespace) -> int:
     editors = {label: method.build(model, tok, editor, method_options(args)) for label, method, editor in methods}
     rows = run_quality(editors, datasets, args.n, args.facts_per_point, generate=not args.no_generate,
                        log=lambda m: print(m, file=sys.stderr))
-    write_outputs(rows, args.out, command_line())
+    write_outputs(rows, args.out, args.command)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
@@ -164,7 +164,7 @@ def speed(args: argparse.Namespace) -> int:
         return peak
 
     peak_gpu_gib()
-    result = {"command": command_line(), "model": args.shape and f"random:{args.shape}" or args.model, "editor": args.editor,
+    result = {"command": args.command, "model": args.shape and f"random:{args.shape}" or args.model, "editor": args.editor,
               "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "rank": editor.config.hyper.rank, "lm_batch_size": editor.config.lm_batch_size,
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -237,7 +237,7 @@ def sequential(args: argparse.Namespace) -> int:
     model, tok = load(args)
     editor = MalmenEditor.from_pretrained(args.editor, model, tok)
     result = run_sequential(editor, facts, args.patch_size, args.out, carry, log=lambda m: print(m, file=sys.stderr))
-    result.update(command=command_line(), editor=args.editor, data=args.data, split=args.split, skip=args.skip)
+    result.update(command=args.command, editor=args.editor, data=args.data, split=args.split, skip=args.skip)
     text = table(result)
     write_result(str(Path(args.out) / "results.json"), result)
     write_text(Path(args.out) / "results.md", f"Command: `{result['command']}`\n\n{text}\n")
@@ -251,7 +251,7 @@ def scale(args: argparse.Namespace) -> int:
     if args.editor:
         checked_method(None, args.editor)
     result = run_scale(args.model, args.editor, args.n, args.lm_batch_size, log=print)
-    result["command"] = command_line()
+    result["command"] = args.command
     print(f"peak RSS at n={args.n[-1]} / at n={args.n[0]}: {result['rss_ratio']:.3f}")
     write_result(args.out, result)
     return 0

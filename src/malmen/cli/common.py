@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -209,8 +210,10 @@ def write_result(path: str, result: dict) -> None:
     print(f"wrote {path}")
 
 
-def command_line() -> str:
-    return "malmen " + " ".join(sys.argv[1:])
+def command_line(argv: list[str]) -> str:
+    """The command as a user would type it again (``args.command`` of every command: benchmarks'
+    results and editors' ``commands`` record it)."""
+    return shlex.join(["malmen", *argv])
 
 
 def checked_out(path: str | None, marker: str) -> None:

@@ -26,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
     checked_out(args.out, EDITOR_FILE)
-    out = export_editor(args.editor, args.out, args.factor_dtype)
+    out = export_editor(args.editor, args.out, args.factor_dtype, args.command)
     print(f"exported {args.editor} to {out} (factors in {args.factor_dtype})")
     return 0

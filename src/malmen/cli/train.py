@@ -150,6 +150,7 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
         raise UsageError(str(err)) from None
     if not resumed and args.init_editor:
         trainer.start_from(editor.metadata)
+    trainer.record(args.command)
     return trainer
 
 
