@@ -86,6 +86,41 @@ def test_eval_reports_what_the_library_computes(workspace, trained):
         assert r[key] == pytest.approx(reference[key], abs=1e-9) and len(r[key]) == len(reference[key]) > 0
 
 
+def test_export_keeps_a_regulariser_shaped_by_a_fact_files_locality_keys(workspace, trained, tmp_path):
+    """export --stats-data: the editor carries the shape (prior.safetensors, regulariser 'keys') and
+    edits with it without the file, as the library's editor with the same kept shape; exporting it
+    again keeps it; too few keys for the key size are refused and nothing is written."""
+    from malmen.datasets import load_facts
+    from malmen.editor import MalmenEditor
+    from malmen.evaluate import evaluate
+
+    w = workspace
+    tiny.write_facts(tmp_path / "stats.jsonl", tiny.facts(200, seed=8))
+    out, again, results = tmp_path / "kept", tmp_path / "again", tmp_path / "r.json"
+    common = ["--model", str(w / "model"), "--stats-data", str(tmp_path / "stats.jsonl"), "--stats-rank", "16"]
+    assert main(["export", "--editor", str(trained / "best"), "--out", str(out), "--factor-dtype", "float32",
+                 "--stats-texts", "200", *common]) == 0
+    meta = json.loads((out / "editor.json").read_text())
+    assert meta["config"]["regulariser"] == "keys" and meta["kept_prior"]["rank"] == 16
+    assert (out / "prior.safetensors").is_file() and meta["commands"][-1].startswith("malmen export ")
+    assert main(["eval", "--model", str(w / "model"), "--editor", str(out), "--data", str(w / "val.jsonl"),
+                 "--n-edits", "8", "--no-generate", "--out", str(results)]) == 0
+    r = json.loads(results.read_text())
+    model, tok = load_tiny(w)
+    editor = MalmenEditor.from_pretrained(trained / "best", model, tok)
+    editor.config.regulariser = "keys"
+    editor.use_statistics_of(list(load_facts(tmp_path / "stats.jsonl", split="train"))[:200])
+    editor.keep_prior(16)
+    val = list(load_facts(w / "val.jsonl"))[:8]
+    reference = evaluate(editor, val, 8, generate=False)
+    assert all(r[key] == reference[key] for key in ("ES", "GS", "LS"))
+    assert main(["export", "--editor", str(out), "--out", str(again)]) == 0
+    assert (again / "prior.safetensors").read_bytes() == (out / "prior.safetensors").read_bytes()
+    assert main(["export", "--editor", str(trained / "best"), "--out", str(tmp_path / "few"), "--stats-texts", "20",
+                 *common]) == 2
+    assert not (tmp_path / "few").exists()
+
+
 def test_eval_with_a_keys_shaped_regulariser_reports_what_the_library_computes(workspace, trained):
     """--regulariser keys --stats-data: the key statistics at the locality answers of the file's
     train part (the first --stats-texts facts); the same figures as the library's editor so set."""

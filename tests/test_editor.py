@@ -301,3 +301,46 @@ def test_a_keys_shaped_regulariser_uses_the_key_statistics_and_is_saved(tmp_path
         assert few.key_statistics()[1] != 3 or not all(torch.equal(few.key_statistics()[0][m], first[m]) for m in first)
     with pytest.raises(ValueError, match="regulariser must be one of"):
         MalmenEditor(model, tok, EditorConfig(regulariser="diagonal", **config))
+
+
+def test_a_kept_prior_edits_as_the_statistics_it_was_kept_from_and_travels_with_the_editor(tmp_path):
+    """keep_prior: the regulariser's shape from facts' locality keys, kept in eigenpairs (float16
+    vectors) and saved (prior.safetensors); the loaded editor edits with it, computing no statistics;
+    new statistics given replace it."""
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(regulariser="keys", prior_mix=0.5,
+                                                   hyper=HyperConfig(rank=8, eta_init=0.5), lm_batch_size=3))
+    facts = tiny.facts(6)
+    editor.use_statistics_of(tiny.facts(30, seed=3))
+    reference = editor.shifts(facts)
+    editor.keep_prior(rank=64)  # the whole key size: P itself, but for the vectors' rounding
+    assert editor.stats_facts is None and editor.metadata["kept_prior"]["rank"] == 64
+    kept = editor.shifts(facts)
+    for m in reference:
+        torch.testing.assert_close(kept[m], reference[m], rtol=2e-2, atol=2e-2 * float(reference[m].abs().max()))
+    editor.save_pretrained(tmp_path / "ed")
+    loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
+    again = loaded.shifts(facts)
+    assert loaded._moments is None  # no statistics taken: the kept shape served
+    assert all(torch.allclose(again[m], kept[m], rtol=1e-5, atol=1e-7) for m in kept)
+    loaded.use_statistics_of(tiny.facts(30, seed=4))
+    assert loaded.kept_prior is None and "kept_prior" not in loaded.metadata
+    assert not any(torch.allclose(s, kept[m]) for m, s in loaded.shifts(facts).items())
+
+
+def test_a_prior_kept_at_a_lower_rank_keeps_its_top_eigenpairs_and_its_diagonal():
+    from malmen.keystats import compressed_prior, expanded_prior, key_prior, low_rank
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 16, dtype=torch.float64) * torch.linspace(3, 0.1, 16, dtype=torch.float64)
+    P = key_prior(x.T @ x / 200)
+    parts = compressed_prior(P, 4)
+    assert parts["vectors"].dtype == torch.float16 and parts["vectors"].shape == (16, 4)
+    back = expanded_prior(**parts)
+    assert torch.allclose(back.diagonal(), P.diagonal(), atol=1e-6) and torch.allclose(back.trace(), P.trace())
+    v = torch.linalg.eigh(P)[1].flip(1)[:, :4]
+    low = low_rank(parts["vectors"], parts["values"])
+    assert torch.allclose(v.T @ low @ v, torch.diag(torch.linalg.eigvalsh(P).flip(0)[:4]), atol=2e-2)
+    assert torch.linalg.norm(back - P) < torch.linalg.norm(low - P)  # the diagonal only takes error away
+    top = float(torch.linalg.eigvalsh(P)[-1])
+    assert torch.allclose(expanded_prior(**compressed_prior(P, 16)), P, atol=2e-3 * top)

@@ -23,9 +23,10 @@ from torch import nn
 from . import distributed, io, linear, registry
 from .adapters import Adapter, Batch, adapter_for
 from .facts import Fact, distinct
-from .formats import EDITOR_FILE, EDITOR_WEIGHTS
+from .formats import EDITOR_FILE, EDITOR_PRIOR, EDITOR_WEIGHTS
 from .hypernet import HyperConfig, HyperNetwork, nearest_sources, shapes_of
-from .keystats import Corpus, answer_moments, key_moments, key_prior
+from .keystats import (Corpus, answer_moments, compressed_prior, expanded_prior, flat_prior, key_moments, key_prior,
+                       nested_prior)
 from .methods import REGULARISERS
 from .models import model_identity, same_weights, weight_sample
 from .precision import PRECISIONS
@@ -248,6 +249,10 @@ class MalmenEditor:
         self.corpus = Corpus()                            # the text they are taken over (regulariser 'keys') ...
         self.stats_facts: list[Fact] | None = None        # ... or these facts' locality prompts, where given
         self._moments: tuple[tuple, dict] | None = None   # (source, {module: E[k kᵀ]}): the statistics, once
+        # the regulariser's shape kept with the editor (EDITOR_PRIOR, ``keep_prior``): used unless
+        # ``stats_facts`` are given; {module: compressed_prior's parts}
+        self.kept_prior: dict[str, dict[str, torch.Tensor]] | None = None
+        self._expanded: tuple[dict, dict] | None = None   # (kept_prior, {module: P}): expanded once per kept shape
 
     @property
     def modules(self) -> list[str]:
@@ -267,6 +272,10 @@ class MalmenEditor:
         first use from the model as it is then, and kept: they describe the unedited model's inputs."""
         if self.config.regulariser == "identity":
             return None
+        if self.kept_prior is not None and self.stats_facts is None:
+            if self._expanded is None or self._expanded[0] is not self.kept_prior:
+                self._expanded = (self.kept_prior, {m: expanded_prior(**self.kept_prior[m]) for m in self.modules})
+            return {m: key_prior(self._expanded[1][m], self.config.prior_mix) for m in self.modules}
         means, count = self.key_statistics()
         a = max(self.hypernet.shapes[m][0] for m in self.modules)
         if self.config.prior_mix == 1.0 and count < a:  # C of fewer keys is singular: some directions free
@@ -288,6 +297,28 @@ class MalmenEditor:
                 moments = key_moments(self.model, self.adapter.tokenizer, self.modules, self.corpus, cache=self.stats_dir)
             self._moments = (self._statistics_source(), ({m: moments.mean(m) for m in self.modules}, moments.count))
         return self._moments[1]
+
+    def keep_prior(self, rank: int) -> None:
+        """Keep the regulariser's shape from the present statistics (``stats_facts`` or ``corpus``,
+        see ``priors``) with the editor, in ``rank`` eigenpairs per module (keystats.compressed_prior):
+        saved with it from now on (EDITOR_PRIOR) and used instead of new statistics, so that an
+        editor made with one data set's statistics edits without that data."""
+        self.priors()  # refuses statistics of fewer keys than the key size where the shape alone regularises
+        means, count = self.key_statistics()
+        self.kept_prior = {m: compressed_prior(key_prior(means[m]), rank) for m in self.modules}
+        source = ("locality prompts of facts" if self.stats_facts is not None
+                  else f"{self.corpus.texts} texts of {self.corpus.length} tokens sampled from the model")
+        self.metadata["kept_prior"] = {"rank": rank, "keys": count, "source": source}
+        self.stats_facts = None  # from now on the kept shape is the one used
+
+    def use_statistics_of(self, facts: Sequence[Fact] | None) -> None:
+        """Take the regulariser's key statistics at the answer positions of ``facts``' locality
+        prompts (``priors``); facts given replace a kept shape, None keeps it (or, with none kept,
+        the statistics come from text the model samples)."""
+        self.stats_facts = facts
+        if facts is not None:
+            self.kept_prior = None
+            self.metadata.pop("kept_prior", None)
 
     def _statistics_source(self) -> tuple:
         return self.stats_facts, self.corpus, tuple(self.modules)
@@ -427,6 +458,7 @@ class MalmenEditor:
                               self.hypernet.transplant(shapes, sources, eta_factor), self.adapter)
         editor.metadata = {**self.metadata, "transplanted": {"from": list(self.modules), "sources": sources,
                                                              "eta_factor": eta_factor}}
+        editor.metadata.pop("kept_prior", None)  # a kept shape describes the old modules' inputs
         return editor
 
     def widened(self, rank: int) -> "MalmenEditor":
@@ -436,6 +468,7 @@ class MalmenEditor:
         config = EditorConfig.from_dict({**self.config.to_dict(), "hyper": hypernet.config.to_dict()})
         editor = MalmenEditor(self.model, self.adapter.tokenizer, config, hypernet, self.adapter)
         editor.metadata = {**self.metadata, "widened": {"from_rank": self.config.hyper.rank, "to_rank": rank}}
+        editor.kept_prior = self.kept_prior  # the same modules: the same inputs
         return editor
 
     # --- persistence (safetensors + JSON, Hugging Face style)
@@ -458,6 +491,8 @@ class MalmenEditor:
             meta.setdefault(key, value)  # never overrides the core entries above
         with io.atomic_dir(path, marker=EDITOR_FILE) as tmp:
             io.save_tensors(tmp / EDITOR_WEIGHTS, self.hypernet.stored_state(factor_dtype))
+            if self.kept_prior is not None:
+                io.save_tensors(tmp / EDITOR_PRIOR, flat_prior(self.kept_prior))
             for filename, tensors in (tensor_files or {}).items():
                 io.save_tensors(tmp / filename, tensors)
             io.write_json(tmp / EDITOR_FILE, meta)
@@ -494,6 +529,8 @@ class MalmenEditor:
         editor = cls(model, tokenizer, config, hypernet, adapter)
         core = {"format", "version", "config", "shapes", "base_model", "stored_factors"}
         editor.metadata = {k: v for k, v in meta.items() if k not in core}
+        if (Path(path) / EDITOR_PRIOR).is_file():
+            editor.kept_prior = nested_prior(io.load_tensors(Path(path) / EDITOR_PRIOR), config.modules)
         return editor
 
 
@@ -520,5 +557,5 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
         from .datasets import load_facts
 
         facts = load_facts(options["stats_data"], split="train")  # never a held-out part's own locality prompts
-        loaded.stats_facts = [f for _, f in zip(range(options.get("stats_texts") or 512), facts)]
+        loaded.use_statistics_of([f for _, f in zip(range(options.get("stats_texts") or 512), facts)])
     return loaded

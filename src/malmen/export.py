@@ -13,16 +13,20 @@ import torch
 
 from . import io, registry
 from .editor import EditorConfig
-from .formats import EDITOR_FILE, EDITOR_WEIGHTS
+from .formats import EDITOR_FILE, EDITOR_PRIOR, EDITOR_WEIGHTS
 from .hypernet import HyperNetwork
+from .keystats import flat_prior
 
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "float16", command: str | None = None) -> Path:
+def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "float16", command: str | None = None,
+                  prior: tuple[dict, dict] | None = None) -> Path:
     """Write the editor ``source`` (a directory or shipped name) to ``out`` with its factors stored in
-    ``factor_dtype``, atomically; every other entry of editor.json and every other tensor is kept,
-    and ``command`` (the export's, as typed) is added to its ``commands``.
+    ``factor_dtype``, atomically; every other entry of editor.json and every other tensor (a kept
+    prior too) is kept, and ``command`` (the export's, as typed) is added to its ``commands``.
+    ``prior``: a kept regulariser shape and its record (``MalmenEditor.keep_prior``) to store
+    instead, with the regulariser set to 'keys'.
 
     Returns ``out``. Loading the result (``MalmenEditor.from_pretrained``) casts the factors back to
     float32, so the edit differs from the source's only by their rounding."""
@@ -35,8 +39,15 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     meta = {**meta, "stored_factors": factor_dtype}
     if command is not None:
         meta["commands"] = [*meta.get("commands", []), command]
+    kept = io.load_tensors(path / EDITOR_PRIOR) if (path / EDITOR_PRIOR).is_file() else None
+    if prior is not None:
+        kept = flat_prior(prior[0])
+        meta["config"] = {**meta["config"], "regulariser": "keys"}
+        meta["kept_prior"] = prior[1]
     # the source is read in full first: out may be the source itself; an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:
         io.save_tensors(tmp / EDITOR_WEIGHTS, hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
+        if kept is not None:
+            io.save_tensors(tmp / EDITOR_PRIOR, kept)
         io.write_json(tmp / EDITOR_FILE, meta)
     return Path(out)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import io
+from .formats import EDITOR_PRIOR
 from .models import model_identity
 from .timing import timed
 from .tracing import KeyGradTrace
@@ -179,3 +180,43 @@ def key_prior(second_moment: torch.Tensor, mix: float = 1.0) -> torch.Tensor:
     scaled = c * (a / c.diagonal().sum().clamp_min(1e-30))
     eye = torch.eye(a, dtype=c.dtype, device=c.device)
     return (1.0 - mix) * eye + mix * scaled
+
+
+def compressed_prior(prior: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """A regulariser shape P kept in ``rank`` eigenpairs and a diagonal: its top eigenvectors
+    (``vectors``, a x rank, float16) and eigenvalues (``values``), and ``diagonal``, the diagonal of
+    what they leave out; (rank + 1) * a numbers instead of a * a, so that an editor can carry the
+    statistics it edits with.  ``expanded_prior`` restores P exactly on the kept eigenvectors and on
+    the diagonal (so with its trace); the diagonal keeps each input's own share of the rest, which
+    the mean of the left-out eigenvalues would spread evenly (docs/RESULTS.md, row 35)."""
+    values, vectors = torch.linalg.eigh(prior.double())
+    rank = min(rank, values.shape[0])
+    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank].to(torch.float16).contiguous()
+    low = low_rank(vectors, values)  # from the stored float16 vectors, as expanded_prior will
+    return {"vectors": vectors, "values": values.float(),
+            "diagonal": (prior.double() - low).diagonal().clamp_min(0).float().contiguous()}
+
+
+def low_rank(vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """V diag(values) Vᵀ in float64, V the stored vectors made orthonormal again after their rounding."""
+    v = torch.linalg.qr(vectors.double())[0]
+    return (v * values.double()) @ v.T
+
+
+def expanded_prior(vectors: torch.Tensor, values: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """P from ``compressed_prior``'s parts: V diag(values) Vᵀ + diag(diagonal), in float64."""
+    return low_rank(vectors, values) + torch.diag(diagonal.double())
+
+
+def flat_prior(kept: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A kept prior as one safetensors dict: '<module>.<part>' (EDITOR_PRIOR)."""
+    return {f"{m}.{part}": t.cpu().contiguous() for m, parts in kept.items() for part, t in parts.items()}
+
+
+def nested_prior(tensors: dict[str, torch.Tensor], modules: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``flat_prior`` read back, every module's parts checked to be there."""
+    parts = ("vectors", "values", "diagonal")
+    missing = [f"{m}.{p}" for m in modules for p in parts if f"{m}.{p}" not in tensors]
+    if missing:
+        raise ValueError(f"{EDITOR_PRIOR} lacks {', '.join(missing[:3])}")
+    return {m: {p: tensors[f"{m}.{p}"] for p in parts} for m in modules}

@@ -1,19 +1,27 @@
-"""``malmen export``: re-store an editor with its hyper-network's low-rank factors in float16 (half the file)."""
+"""``malmen export``: re-store an editor with its hyper-network's low-rank factors in float16 (half the file),
+optionally keeping the regulariser's key statistics with it (``--stats-data``)."""
 from __future__ import annotations
 
 import argparse
 
 from ..formats import EDITOR_FILE
-from .common import UsageError, checked_out
+from .common import UsageError, add_common, checked_out, checked_stats_data, load, read_facts
 
 
 def add_parser(sub) -> None:
-    x = sub.add_parser("export", help="write an editor with its low-rank factors in float16 (half the file); no model loaded",
-                       formatter_class=sub.formatter_class)
+    x = sub.add_parser("export", help="write an editor with its low-rank factors in float16 (half the file); no model "
+                       "loaded unless --stats-data", formatter_class=sub.formatter_class)
     x.add_argument("--editor", required=True, help="editor directory (e.g. runs/x/best) or shipped editor name")
     x.add_argument("--out", required=True, help="directory for the exported editor, written atomically")
     x.add_argument("--factor-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the stored factors; loading casts them back to float32")
+    x.add_argument("--stats-data", help="keep with the editor a regulariser shaped by the keys at the answer positions of "
+                   "this fact file's locality prompts (its train part, the first --stats-texts; regulariser 'keys', "
+                   "editor.keep_prior): the editor then edits with it, without the file; loads --model")
+    x.add_argument("--stats-texts", type=int, default=4096, help="with --stats-data: how many of its facts")
+    x.add_argument("--stats-rank", type=int, default=256,
+                   help="with --stats-data: eigenpairs kept per module (the rest at their mean eigenvalue)")
+    add_common(x)
     x.set_defaults(func=run)
 
 
@@ -25,7 +33,27 @@ def run(args: argparse.Namespace) -> int:
         registry.editor_config(args.editor)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
+    if args.stats_texts < 1 or args.stats_rank < 1:
+        raise UsageError("--stats-texts and --stats-rank must be positive")
+    checked_stats_data(args)
     checked_out(args.out, EDITOR_FILE)
-    out = export_editor(args.editor, args.out, args.factor_dtype, args.command)
-    print(f"exported {args.editor} to {out} (factors in {args.factor_dtype})")
+    prior = kept_prior(args) if args.stats_data else None
+    out = export_editor(args.editor, args.out, args.factor_dtype, args.command, prior)
+    print(f"exported {args.editor} to {out} (factors in {args.factor_dtype}"
+          + (f"; regulariser kept at rank {args.stats_rank})" if prior else ")"))
     return 0
+
+
+def kept_prior(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The editor's kept prior (``MalmenEditor.keep_prior``) from --stats-data: its tensors and record."""
+    from ..editor import MalmenEditor
+
+    model, tok = load(args)
+    editor = MalmenEditor.from_pretrained(args.editor, model, tok)
+    editor.config.regulariser = "keys"
+    editor.use_statistics_of(read_facts(args.stats_data, args.target, split="train", limit=args.stats_texts,
+                                        fmt=args.format))
+    editor.keep_prior(args.stats_rank)
+    record = {**editor.metadata["kept_prior"], "source": f"locality prompts of the first {args.stats_texts} facts of "
+              f"the train part of {args.stats_data}"}
+    return editor.kept_prior, record

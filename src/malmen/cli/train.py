@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     seed(args)
     model, tok = load(args)
     trainer = build_trainer(args, model, tok, train, val)
-    trainer.editor.stats_facts = stats_facts
+    trainer.editor.use_statistics_of(stats_facts)
     trainer.editor.corpus = dataclasses.replace(trainer.editor.corpus, texts=args.stats_texts)
     return fit(args, trainer)
 
