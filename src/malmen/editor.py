@@ -276,12 +276,18 @@ class MalmenEditor:
             if self._expanded is None or self._expanded[0] is not self.kept_prior:
                 self._expanded = (self.kept_prior, {m: expanded_prior(**self.kept_prior[m]) for m in self.modules})
             return {m: key_prior(self._expanded[1][m], self.config.prior_mix) for m in self.modules}
+        means = self.checked_statistics()
+        return {m: key_prior(means[m], self.config.prior_mix) for m in self.modules}
+
+    def checked_statistics(self) -> dict[str, torch.Tensor]:
+        """``key_statistics``' E[k kᵀ] per module, refused when they come from fewer keys than the key
+        size and the shape alone regularises (prior mix 1): C of fewer keys is singular."""
         means, count = self.key_statistics()
         a = max(self.hypernet.shapes[m][0] for m in self.modules)
-        if self.config.prior_mix == 1.0 and count < a:  # C of fewer keys is singular: some directions free
+        if self.config.prior_mix == 1.0 and count < a:
             raise ValueError(f"key statistics of {count} keys, fewer than the key size {a}: the regulariser "
                              "would leave directions unregularised; give more texts or facts, or a prior mix below 1")
-        return {m: key_prior(means[m], self.config.prior_mix) for m in self.modules}
+        return means
 
     def key_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
         """E[k kᵀ] of every edited module and the number of keys behind it, from ``stats_facts``
@@ -298,17 +304,17 @@ class MalmenEditor:
             self._moments = (self._statistics_source(), ({m: moments.mean(m) for m in self.modules}, moments.count))
         return self._moments[1]
 
-    def keep_prior(self, rank: int) -> None:
+    def keep_prior(self, rank: int, source: str | None = None) -> None:
         """Keep the regulariser's shape from the present statistics (``stats_facts`` or ``corpus``,
         see ``priors``) with the editor, in ``rank`` eigenpairs per module (keystats.compressed_prior):
         saved with it from now on (EDITOR_PRIOR) and used instead of new statistics, so that an
-        editor made with one data set's statistics edits without that data."""
-        self.priors()  # refuses statistics of fewer keys than the key size where the shape alone regularises
-        means, count = self.key_statistics()
+        editor made with one data set's statistics edits without that data.  ``source``: how
+        editor.json names the statistics (default: facts' locality prompts, or the sampled corpus)."""
+        means = self.checked_statistics()
         self.kept_prior = {m: compressed_prior(key_prior(means[m]), rank) for m in self.modules}
-        source = ("locality prompts of facts" if self.stats_facts is not None
-                  else f"{self.corpus.texts} texts of {self.corpus.length} tokens sampled from the model")
-        self.metadata["kept_prior"] = {"rank": rank, "keys": count, "source": source}
+        source = source or ("locality prompts of facts" if self.stats_facts is not None
+                            else f"{self.corpus.texts} texts of {self.corpus.length} tokens sampled from the model")
+        self.metadata["kept_prior"] = {"rank": rank, "keys": self.key_statistics()[1], "source": source}
         self.stats_facts = None  # from now on the kept shape is the one used
 
     def use_statistics_of(self, facts: Sequence[Fact] | None) -> None:

@@ -39,11 +39,12 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     meta = {**meta, "stored_factors": factor_dtype}
     if command is not None:
         meta["commands"] = [*meta.get("commands", []), command]
-    kept = io.load_tensors(path / EDITOR_PRIOR) if (path / EDITOR_PRIOR).is_file() else None
     if prior is not None:
         kept = flat_prior(prior[0])
         meta["config"] = {**meta["config"], "regulariser": "keys"}
         meta["kept_prior"] = prior[1]
+    else:  # the source's own kept shape, if any, travels as it is
+        kept = io.load_tensors(path / EDITOR_PRIOR) if (path / EDITOR_PRIOR).is_file() else None
     # the source is read in full first: out may be the source itself; an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:
         io.save_tensors(tmp / EDITOR_WEIGHTS, hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))

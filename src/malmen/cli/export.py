@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
                    "editor.keep_prior): the editor then edits with it, without the file; loads --model")
     x.add_argument("--stats-texts", type=int, default=4096, help="with --stats-data: how many of its facts")
     x.add_argument("--stats-rank", type=int, default=256,
-                   help="with --stats-data: eigenpairs kept per module (the rest at their mean eigenvalue)")
+                   help="with --stats-data: eigenpairs kept per module (and the diagonal of the rest)")
     add_common(x)
     x.set_defaults(func=run)
 
@@ -53,7 +53,6 @@ def kept_prior(args: argparse.Namespace) -> tuple[dict, dict]:
     editor.config.regulariser = "keys"
     editor.use_statistics_of(read_facts(args.stats_data, args.target, split="train", limit=args.stats_texts,
                                         fmt=args.format))
-    editor.keep_prior(args.stats_rank)
-    record = {**editor.metadata["kept_prior"], "source": f"locality prompts of the first {args.stats_texts} facts of "
-              f"the train part of {args.stats_data}"}
-    return editor.kept_prior, record
+    editor.keep_prior(args.stats_rank, source=f"locality prompts of the first {args.stats_texts} facts of the train "
+                      f"part of {args.stats_data}")
+    return editor.kept_prior, editor.metadata["kept_prior"]
