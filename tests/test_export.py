@@ -86,3 +86,32 @@ def test_export_command(tmp_path, capsys):
     assert main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "mine")]) == 2
     assert "holds no editor.json" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"  # a directory not an editor's is never replaced
+
+
+def test_an_exported_lambda_scale_is_the_editors_own_until_a_method_option_overrides_it(tmp_path, capsys):
+    """``malmen export --lambda-scale F`` stores F with the editor; the malmen method then solves with F
+    times the learned regularisers unless ``--lambda-scale`` is given (1 restores the learned ones)."""
+    from malmen.methods import METHODS
+
+    model, tok, editor = trained_editor(tmp_path)
+    assert main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "x3"), "--lambda-scale", "3"]) == 0
+    assert "lambda scale 3" in capsys.readouterr().out
+    assert json.loads((tmp_path / "x3" / "editor.json").read_text())["config"]["lambda_scale"] == 3.0
+    facts = tiny.facts(6)
+    own = METHODS["malmen"].build(model, tok, str(tmp_path / "x3"), {})
+    assert own.config.lambda_scale == 3.0
+    restored = METHODS["malmen"].build(model, tok, str(tmp_path / "x3"), {"lambda_scale": 1.0})
+    assert restored.config.lambda_scale == 1.0
+    export_editor(tmp_path / "ed", tmp_path / "half")
+    half = MalmenEditor.from_pretrained(tmp_path / "half", model, tok)  # the same export at the learned λ
+    for a, b in zip(restored.shifts(facts).values(), half.shifts(facts).values()):
+        assert torch.equal(a, b)
+    for a, b in zip(own.shifts(facts).values(), half.shifts(facts).values()):
+        assert not torch.allclose(a, b, rtol=1e-3)  # three times λ writes less
+        assert a.norm() < b.norm()
+    with pytest.raises(ValueError, match="positive"):
+        export_editor(tmp_path / "ed", tmp_path / "bad", lambda_scale=0.0)
+    with pytest.raises(SystemExit) as stop:  # refused while the command line is parsed
+        main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "bad"), "--lambda-scale", "-1"])
+    assert stop.value.code == 2 and "must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -546,7 +546,7 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
     ``stats_data``) applied;
     an option left at None keeps the editor's own setting."""
     loaded = MalmenEditor.from_pretrained(editor, model, tokenizer)
-    if "lambda_scale" in options:
+    if options.get("lambda_scale") is not None:
         if options["lambda_scale"] <= 0:
             raise ValueError(f"--lambda-scale must be positive, not {options['lambda_scale']}")
         loaded.config.lambda_scale = options["lambda_scale"]

@@ -153,8 +153,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("malmen", "editor:from_method", "MALMEN: a trained hyper-network, the normal equation over all facts "
            "(per layer, or jointly over the layers for an editor trained with --method joint)",
            trained=True, aggregations=("malmen", "joint"), device_map=True,
-           options=(Option("--lambda-scale", positive, 1.0, "malmen: multiply the editor's learned regularisers by this "
-                           "(above 1: unrelated inputs move less; below 1: the facts are written harder)"),
+           options=(Option("--lambda-scale", positive, None, "malmen: multiply the editor's learned regularisers by this "
+                           "(above 1: unrelated inputs move less; below 1: the facts are written harder) "
+                           "(default: the editor's own, 1 unless it was exported with --lambda-scale)"),
                     Option("--regulariser", regulariser, None, "malmen: the shape of the regulariser lambda P: identity "
                            "(the paper) or keys (P = the keys' second moment over text the model samples, cached in "
                            "--stats-dir; ordinary inputs' directions move least) (default: as the editor was trained)"),
