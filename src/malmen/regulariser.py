@@ -1,0 +1,119 @@
+"""The shape P of MALMEN's regulariser λ P (solver.NormalEquation), as a part of the editor.
+
+λ I is the paper's; with ``regulariser='keys'`` P is the second moment of each edited module's keys,
+taken at the answer positions of facts' locality prompts (keystats.answer_moments) or over text the
+model samples (keystats.key_moments), once per source, or kept with the editor in eigenpairs
+(``keep_prior``, EDITOR_PRIOR) so that it edits with that shape without the data.
+
+``ShapedRegulariser`` holds where the statistics come from and what was taken; ``MalmenEditor``
+mixes it in and provides ``model``, ``adapter``, ``modules``, ``config``, ``hypernet`` and ``metadata``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .facts import Fact
+from .keystats import Corpus, answer_moments, compressed_prior, expanded_prior, key_moments, key_prior
+from .timing import timed
+
+
+class ShapedRegulariser:
+    """The regulariser-shape part of an editor (see the module's docstring)."""
+
+    def init_shape(self) -> None:
+        """No statistics taken and none kept; ``regulariser='keys'`` samples text unless told otherwise."""
+        self.stats_dir: str | None = "~/.cache/malmen"  # where key statistics are cached (None: not at all)
+        self.corpus = Corpus()                            # the text they are taken over (regulariser 'keys') ...
+        self.stats_facts: list[Fact] | None = None        # ... or these facts' locality prompts, where given
+        self._moments: tuple[tuple, dict] | None = None   # (source, {module: E[k kᵀ]}): the statistics, once
+        # the regulariser's shape kept with the editor (EDITOR_PRIOR, ``keep_prior``): used unless
+        # ``stats_facts`` are given; {module: compressed_prior's parts}
+        self.kept_prior: dict[str, dict[str, torch.Tensor]] | None = None
+        self._expanded: tuple[dict, dict] | None = None   # (kept_prior, {module: P}): expanded once per kept shape
+
+    def priors(self) -> dict[str, torch.Tensor] | None:
+        """Each module's regulariser shape P in the normal equation's lambda P (solver.NormalEquation):
+        None for the paper's identity; for ``regulariser='keys'`` the second moment of the module's
+        keys, scaled to mean eigenvalue 1: at the answer positions of ``stats_facts``' locality
+        prompts where given (keystats.answer_moments), else over text the model samples itself
+        (``corpus``, keystats.key_moments; cached in ``stats_dir``).  The statistics are taken on
+        first use from the model as it is then, and kept: they describe the unedited model's inputs."""
+        if self.config.regulariser == "identity":
+            return None
+        if self.kept_prior is not None and self.stats_facts is None:
+            if self._expanded is None or self._expanded[0] is not self.kept_prior:
+                self._expanded = (self.kept_prior, {m: expanded_prior(**self.kept_prior[m]) for m in self.modules})
+            return {m: key_prior(self._expanded[1][m], self.config.prior_mix) for m in self.modules}
+        means = self.checked_statistics()
+        return {m: key_prior(means[m], self.config.prior_mix) for m in self.modules}
+
+    def checked_statistics(self) -> dict[str, torch.Tensor]:
+        """``key_statistics``' E[k kᵀ] per module, refused when they come from fewer keys than the key
+        size and the shape alone regularises (prior mix 1): C of fewer keys is singular."""
+        means, count = self.key_statistics()
+        a = max(self.hypernet.shapes[m][0] for m in self.modules)
+        if self.config.prior_mix == 1.0 and count < a:
+            raise ValueError(f"key statistics of {count} keys, fewer than the key size {a}: the regulariser "
+                             "would leave directions unregularised; give more texts or facts, or a prior mix below 1")
+        return means
+
+    def key_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
+        """E[k kᵀ] of every edited module and the number of keys behind it, from ``stats_facts``
+        or ``corpus`` (see ``priors``); computed once per source and kept."""
+        if not self._statistics_kept():
+            if self.stats_facts is not None:
+                pairs = [(f.locality_prompt, f.locality_answer) for f in self.stats_facts if f.has_locality]
+                if not pairs:
+                    raise ValueError("the key statistics' facts have no locality prompts")
+                moments = answer_moments(self.adapter, self.modules, *map(list, zip(*pairs)),
+                                         batch_size=self.config.lm_batch_size)
+            else:
+                moments = key_moments(self.model, self.adapter.tokenizer, self.modules, self.corpus, cache=self.stats_dir)
+            self._moments = (self._statistics_source(), ({m: moments.mean(m) for m in self.modules}, moments.count))
+        return self._moments[1]
+
+    def keep_prior(self, rank: int, source: str | None = None) -> None:
+        """Keep the regulariser's shape from the present statistics (``stats_facts`` or ``corpus``,
+        see ``priors``) with the editor, in ``rank`` eigenpairs per module (keystats.compressed_prior):
+        saved with it from now on (EDITOR_PRIOR) and used instead of new statistics, so that an
+        editor made with one data set's statistics edits without that data.  ``source``: how
+        editor.json names the statistics (default: facts' locality prompts, or the sampled corpus)."""
+        means = self.checked_statistics()
+        self.kept_prior = {m: compressed_prior(key_prior(means[m]), rank) for m in self.modules}
+        source = source or ("locality prompts of facts" if self.stats_facts is not None
+                            else f"{self.corpus.texts} texts of {self.corpus.length} tokens sampled from the model")
+        self.metadata["kept_prior"] = {"rank": rank, "keys": self.key_statistics()[1], "source": source}
+        self.stats_facts = None  # from now on the kept shape is the one used
+
+    def use_statistics_of(self, facts: Sequence[Fact] | None) -> None:
+        """Take the regulariser's key statistics at the answer positions of ``facts``' locality
+        prompts (``priors``); facts given replace a kept shape, None keeps it (or, with none kept,
+        the statistics come from text the model samples)."""
+        self.stats_facts = facts
+        if facts is not None:
+            self.kept_prior = None
+            self.metadata.pop("kept_prior", None)
+
+    def _statistics_source(self) -> tuple:
+        return self.stats_facts, self.corpus, tuple(self.modules)
+
+    def _statistics_kept(self) -> bool:
+        """Whether the kept statistics come from the present source: the same facts object (held,
+        so its identity cannot pass to a new list), corpus and modules."""
+        if self._moments is None:
+            return False
+        facts, corpus, modules = self._moments[0]
+        return facts is self.stats_facts and (corpus, modules) == (self.corpus, tuple(self.modules))
+
+    def prepare(self) -> float:
+        """The one-time work before editing (methods.prepare): the key statistics a shaped
+        regulariser needs; its seconds (0 when none or already computed)."""
+        if self.config.regulariser == "identity":
+            return 0.0
+        kept = self._statistics_kept()
+        with timed(self.adapter.device) as took:
+            self.priors()  # also refuses statistics too few for the key size, before any edit
+        return 0.0 if kept else took.seconds
+
