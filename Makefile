@@ -6,9 +6,9 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ZSRE  ?= ../shared/data/zsre/zsre_mend_eval_with_subject.json
 N     ?= 128
-# the README's rule: smollm2-zsre up to 128 facts at once, smollm2-zsre-large (trained at 1,024) above
-# (its checkpoint was selected on the first 1,024 validation facts, which N > 128 here overlaps)
-EDITOR ?= $(shell [ $(N) -gt 128 ] && echo smollm2-zsre-large || echo smollm2-zsre)
+# the README's rule: smollm2-zsre up to 256 facts at once, smollm2-zsre-large (trained at 1,024) above
+# (its checkpoint was selected on the first 1,024 validation facts, which N > 256 here overlaps)
+EDITOR ?= $(shell [ $(N) -gt 256 ] && echo smollm2-zsre-large || echo smollm2-zsre)
 
 .PHONY: setup test demo clean gpu-smoke
 
