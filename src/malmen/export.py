@@ -7,6 +7,7 @@ editing, or for a new training run from it (``train --init-editor``).
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,15 +46,15 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
             raise ValueError(f"lambda scale must be positive, not {lambda_scale}")
         meta["config"] = {**meta["config"], "lambda_scale": float(lambda_scale)}
     if prior is not None:
-        kept = flat_prior(prior[0])
         meta["config"] = {**meta["config"], "regulariser": "keys"}
         meta["kept_prior"] = prior[1]
-    else:  # the source's own kept shape, if any, travels as it is
-        kept = io.load_tensors(path / EDITOR_PRIOR) if (path / EDITOR_PRIOR).is_file() else None
-    # the source is read in full first: out may be the source itself; an out that is not an editor is refused
+    # the source is read in full first: out may be the source itself (atomic_dir replaces it only at
+    # the end, so its files can still be copied); an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:
         io.save_tensors(tmp / EDITOR_WEIGHTS, hypernet.stored_state(FACTOR_DTYPES[factor_dtype]))
-        if kept is not None:
-            io.save_tensors(tmp / EDITOR_PRIOR, kept)
+        if prior is not None:
+            io.save_tensors(tmp / EDITOR_PRIOR, flat_prior(prior[0]))
+        elif (path / EDITOR_PRIOR).is_file():  # the source's own kept shape travels as it is
+            shutil.copyfile(path / EDITOR_PRIOR, tmp / EDITOR_PRIOR)
         io.write_json(tmp / EDITOR_FILE, meta)
     return Path(out)

@@ -28,10 +28,18 @@ class ShapedRegulariser:
         self.corpus = Corpus()                            # the text they are taken over (regulariser 'keys') ...
         self.stats_facts: list[Fact] | None = None        # ... or these facts' locality prompts, where given
         self._moments: tuple[tuple, dict] | None = None   # (source, {module: E[k kᵀ]}): the statistics, once
-        # the regulariser's shape kept with the editor (EDITOR_PRIOR, ``keep_prior``): used unless
-        # ``stats_facts`` are given; {module: compressed_prior's parts}
-        self.kept_prior: dict[str, dict[str, torch.Tensor]] | None = None
-        self._expanded: tuple[dict, dict] | None = None   # (kept_prior, {module: P}): expanded once per kept shape
+        self.kept_prior = None
+
+    @property
+    def kept_prior(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The regulariser's shape kept with the editor (EDITOR_PRIOR, ``keep_prior``), used unless
+        ``stats_facts`` are given: {module: keystats.compressed_prior's parts}."""
+        return self._kept
+
+    @kept_prior.setter
+    def kept_prior(self, kept: dict[str, dict[str, torch.Tensor]] | None) -> None:
+        self._kept = kept
+        self._expanded: dict[str, torch.Tensor] | None = None  # {module: P}, expanded on first use
 
     def priors(self) -> dict[str, torch.Tensor] | None:
         """Each module's regulariser shape P in the normal equation's lambda P (solver.NormalEquation):
@@ -43,21 +51,21 @@ class ShapedRegulariser:
         if self.config.regulariser == "identity":
             return None
         if self.kept_prior is not None and self.stats_facts is None:
-            if self._expanded is None or self._expanded[0] is not self.kept_prior:
-                self._expanded = (self.kept_prior, {m: expanded_prior(**self.kept_prior[m]) for m in self.modules})
-            return {m: key_prior(self._expanded[1][m], self.config.prior_mix) for m in self.modules}
-        means = self.checked_statistics()
+            if self._expanded is None:
+                self._expanded = {m: expanded_prior(**self.kept_prior[m]) for m in self.modules}
+            return {m: key_prior(self._expanded[m], self.config.prior_mix) for m in self.modules}
+        means, _ = self.checked_statistics()
         return {m: key_prior(means[m], self.config.prior_mix) for m in self.modules}
 
-    def checked_statistics(self) -> dict[str, torch.Tensor]:
-        """``key_statistics``' E[k kᵀ] per module, refused when they come from fewer keys than the key
+    def checked_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
+        """``key_statistics``: E[k kᵀ] per module and the keys' count, refused when they come from fewer keys than the key
         size and the shape alone regularises (prior mix 1): C of fewer keys is singular."""
         means, count = self.key_statistics()
         a = max(self.hypernet.shapes[m][0] for m in self.modules)
         if self.config.prior_mix == 1.0 and count < a:
             raise ValueError(f"key statistics of {count} keys, fewer than the key size {a}: the regulariser "
                              "would leave directions unregularised; give more texts or facts, or a prior mix below 1")
-        return means
+        return means, count
 
     def key_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
         """E[k kᵀ] of every edited module and the number of keys behind it, from ``stats_facts``
@@ -80,11 +88,11 @@ class ShapedRegulariser:
         saved with it from now on (EDITOR_PRIOR) and used instead of new statistics, so that an
         editor made with one data set's statistics edits without that data.  ``source``: how
         editor.json names the statistics (default: facts' locality prompts, or the sampled corpus)."""
-        means = self.checked_statistics()
+        means, count = self.checked_statistics()
         self.kept_prior = {m: compressed_prior(key_prior(means[m]), rank) for m in self.modules}
         source = source or ("locality prompts of facts" if self.stats_facts is not None
                             else f"{self.corpus.texts} texts of {self.corpus.length} tokens sampled from the model")
-        self.metadata["kept_prior"] = {"rank": rank, "keys": self.key_statistics()[1], "source": source}
+        self.metadata["kept_prior"] = {"rank": rank, "keys": count, "source": source}
         self.stats_facts = None  # from now on the kept shape is the one used
 
     def use_statistics_of(self, facts: Sequence[Fact] | None) -> None:

@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                         "~/.cache/malmen); with --init-editor, the editor's own unless given")
     t.add_argument("--stats-data", help="with --regulariser keys: take the key statistics at the answer positions of "
                    "this fact file's locality prompts (its train part, the first --stats-texts; the same file must "
-                   "be given when the editor edits), not from text the model samples")
+                   "be given when the editor edits, or kept with it by malmen export --stats-data), not from text "
+                   "the model samples")
     t.add_argument("--stats-texts", type=int, default=512, help="texts (or --stats-data facts) for the key statistics")
     t.add_argument("--prior-mix", type=fraction, help="with --regulariser keys: P = (1 - mix) I + mix E[k kᵀ] (default 1)")
     t.add_argument("--rank", type=int, help="rank of the hyper-network's blocks (the paper: 1920 on GPT-J); with "
