@@ -344,3 +344,22 @@ def test_a_prior_kept_at_a_lower_rank_keeps_its_top_eigenpairs_and_its_diagonal(
     assert torch.linalg.norm(back - P) < torch.linalg.norm(low - P)  # the diagonal only takes error away
     top = float(torch.linalg.eigvalsh(P)[-1])
     assert torch.allclose(expanded_prior(**compressed_prior(P, 16)), P, atol=2e-3 * top)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("aggregation", "mean", "unknown aggregation"),
+    ("hyper_precision", "fp8", "hyper_precision must be one of"),
+    ("regulariser", "diagonal", "regulariser must be one of"),
+    ("prior_mix", 1.5, "prior_mix must lie in"),
+    ("lambda_scale", 0.0, "lambda_scale must be positive"),
+    ("lambda_scale", -2.0, "lambda_scale must be positive"),
+    ("lambda_scale", float("nan"), "lambda_scale must be positive"),
+])
+def test_a_config_no_editor_can_use_is_refused_by_one_check(field, value, message):
+    """EditorConfig.check holds every config-level rule: the constructor, from_method and
+    export_editor all refuse through it, so a rule is written once."""
+    assert EditorConfig().check() == EditorConfig()  # the defaults pass and it returns the config itself
+    with pytest.raises(ValueError, match=message):
+        EditorConfig(**{field: value}).check()
+    with pytest.raises(ValueError, match=message):
+        MalmenEditor(tiny.llama(layers=2), tiny.tokenizer(), EditorConfig(**{field: value}))

@@ -53,6 +53,23 @@ class EditorConfig:
     prior_mix: float = 1.0                              # keys: the weight of E[k kᵀ] against the identity
     hyper_precision: str = "tf32"                       # the hyper-network's products: fp32, tf32 (CUDA) or bf16
 
+    def check(self) -> "EditorConfig":
+        """Refuse settings no editor can use (ValueError naming the field); returns itself.  Called
+        where a config is built or changed: the editor's constructor, ``from_method`` after the
+        method's options, ``export_editor`` before it writes.  What depends on the model (the
+        adapter's key positions, the modules' shapes) is checked by the editor."""
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        if self.hyper_precision not in PRECISIONS:
+            raise ValueError(f"hyper_precision must be one of {', '.join(PRECISIONS)}, not {self.hyper_precision!r}")
+        if self.regulariser not in REGULARISERS:
+            raise ValueError(f"regulariser must be one of {', '.join(REGULARISERS)}, not {self.regulariser!r}")
+        if not 0.0 <= self.prior_mix <= 1.0:
+            raise ValueError(f"prior_mix must lie in [0, 1], not {self.prior_mix}")
+        if not self.lambda_scale > 0.0:  # also refuses NaN
+            raise ValueError(f"lambda_scale must be positive, not {self.lambda_scale}")
+        return self
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -228,20 +245,13 @@ class MalmenEditor(ShapedRegulariser):
         modules = self.config.modules or self.adapter.default_modules()
         self.config.modules = self.adapter.check_modules(modules)
         shapes = shapes_of(model, self.config.modules)
-        if self.config.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.config.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
-        if self.config.hyper_precision not in PRECISIONS:
-            raise ValueError(f"hyper_precision must be one of {', '.join(PRECISIONS)}, not {self.config.hyper_precision!r}")
+        self.config.check()
         if self.config.keys not in self.adapter.key_positions:
             raise ValueError(f"{type(self.adapter).__name__} reads keys at {', '.join(self.adapter.key_positions)}, "
                              f"not {self.config.keys!r}")
         self.hypernet = hypernet or HyperNetwork(shapes, self.config.hyper)
         if self.hypernet.shapes != shapes:
             raise ValueError(f"editor was built for modules {self.hypernet.shapes}, model has {shapes}")
-        if self.config.regulariser not in REGULARISERS:
-            raise ValueError(f"regulariser must be one of {', '.join(REGULARISERS)}, not {self.config.regulariser!r}")
-        if not 0.0 <= self.config.prior_mix <= 1.0:
-            raise ValueError(f"prior_mix must lie in [0, 1], not {self.config.prior_mix}")
         self.hypernet.to(self.adapter.device)
         self.metadata: dict = {}  # extra editor.json entries (training history, provenance), kept on save
         self.init_shape()  # the regulariser's shape and where its statistics come from (regulariser.py)
@@ -454,15 +464,10 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
     ``stats_data``) applied;
     an option left at None keeps the editor's own setting."""
     loaded = MalmenEditor.from_pretrained(editor, model, tokenizer)
-    if options.get("lambda_scale") is not None:
-        if options["lambda_scale"] <= 0:
-            raise ValueError(f"--lambda-scale must be positive, not {options['lambda_scale']}")
-        loaded.config.lambda_scale = options["lambda_scale"]
-    for key in ("regulariser", "prior_mix"):
+    for key in ("lambda_scale", "regulariser", "prior_mix"):
         if options.get(key) is not None:
             setattr(loaded.config, key, options[key])
-    if loaded.config.regulariser not in REGULARISERS:
-        raise ValueError(f"--regulariser must be one of {', '.join(REGULARISERS)}, not {loaded.config.regulariser!r}")
+    loaded.config.check()
     if options.get("stats_dir"):
         loaded.stats_dir = options["stats_dir"]
     if options.get("stats_texts"):

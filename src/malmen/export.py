@@ -42,12 +42,11 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     if command is not None:
         meta["commands"] = [*meta.get("commands", []), command]
     if lambda_scale is not None:
-        if lambda_scale <= 0:
-            raise ValueError(f"lambda scale must be positive, not {lambda_scale}")
         meta["config"] = {**meta["config"], "lambda_scale": float(lambda_scale)}
     if prior is not None:
         meta["config"] = {**meta["config"], "regulariser": "keys"}
         meta["kept_prior"] = prior[1]
+    EditorConfig.from_dict(meta["config"]).check()  # nothing is written for a config no editor could use
     # the source is read in full first: out may be the source itself (atomic_dir replaces it only at
     # the end, so its files can still be copied); an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:

@@ -132,6 +132,7 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
                 editor.config.regulariser = args.regulariser
             if args.prior_mix is not None:
                 editor.config.prior_mix = args.prior_mix
+            editor.config.check()
         else:
             config = EditorConfig(modules=args.modules or [], aggregation=aggregation or "malmen",
                                   hyper=HyperConfig(rank=args.rank or DEFAULT_RANK, n_blocks=args.blocks),
