@@ -76,7 +76,8 @@ def test_dual_form_below_the_key_size_equals_autograd_and_the_primal_form():
 def test_a_shaped_regulariser_solves_and_differentiates_like_autograd():
     """lambda P instead of lambda I (P SPD, e.g. the keys' second moment): the shift is
     (K^T K + lambda P)^-1 K^T D and its backward (lambda, pseudo keys and gradients) equals
-    autograd, also with fewer tokens than half the key size (a shaped regulariser is never dual)."""
+    autograd, in the primal form and, with fewer tokens than half the key size, in the dual form
+    over whitened keys K L^-T (P = L L^T), which gives the folded primal sums' numbers."""
     for n, a in ((7, 5), (3, 12)):
         keys, pkeys, pgrads, G = random_problem(n=n, a=a, b=3, seed=6)
         root = torch.randn(a, a, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -87,10 +88,15 @@ def test_a_shaped_regulariser_solves_and_differentiates_like_autograd():
         S = torch.linalg.solve(keys.t() @ keys + lam_r * prior, keys.t() @ D)
         (S * G).sum().backward()
 
-        agg = NormalEquation(a, 3, prior=prior.float())
-        agg.accumulate(Tokens(keys, pkeys, pgrads, eta))
-        assert agg.A is not None  # the primal form from the first token
-        assert_like_autograd(agg.solve(lam), S, G, lam_r, keys, pkeys, pgrads, eta, pk, pg, atol=1e-5)
+        agg, folded = NormalEquation(a, 3, prior=prior.float()), NormalEquation(a, 3, prior=prior.float())
+        for each in (agg, folded):
+            each.accumulate(Tokens(keys, pkeys, pgrads, eta))
+        folded.fold()
+        assert (agg.A is None) == (2 * n <= a)  # the tokens kept (dual) only below half the key size
+        solutions = agg.solve(lam), folded.solve(lam)
+        assert [type(x).__name__ for x in solutions] == ["DualSolution" if 2 * n <= a else "NormalSolution", "NormalSolution"]
+        for solution in solutions:
+            assert_like_autograd(solution, S, G, lam_r, keys, pkeys, pgrads, eta, pk, pg, atol=1e-5)
 
 
 def test_the_identity_as_prior_is_the_papers_solve_and_priors_reach_each_module():
@@ -248,7 +254,7 @@ def direct_r2(K: torch.Tensor, S: torch.Tensor, D: torch.Tensor) -> float:
     return float(1.0 - (K @ S - D).square().sum() / D.square().sum())
 
 
-@pytest.mark.parametrize("n, a, shaped", [(4, 12, False), (30, 8, False), (30, 8, True)])
+@pytest.mark.parametrize("n, a, shaped", [(4, 12, False), (4, 12, True), (30, 8, False), (30, 8, True)])
 def test_fit_and_room_equal_their_direct_definitions(n, a, shaped):
     """R^2 = 1 - |K S - D|^2 / |D|^2 and the mean leverage tr(K (K^T K + lambda P)^-1 K^T) / N,
     computed directly against the solver's fit and room, in the dual form (4 tokens, 12

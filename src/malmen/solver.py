@@ -108,6 +108,17 @@ def solved_trace(factor: torch.Tensor, prior: torch.Tensor | None = None, block:
     return total
 
 
+def whitened(keys: torch.Tensor, white: torch.Tensor | None) -> torch.Tensor:
+    """K L^-T: keys in which lambda |S|_P^2 (P = L L^T) is the identity's lambda |S'|^2, S' = L^T S
+    (``white`` None: the identity, the keys as they are)."""
+    return keys if white is None else torch.linalg.solve_triangular(white, keys.t(), upper=False).t()
+
+
+def unwhitened(matrix: torch.Tensor, white: torch.Tensor | None) -> torch.Tensor:
+    """L^-T X: a shift (or an adjoint) in whitened coordinates back in the keys' own."""
+    return matrix if white is None else torch.linalg.solve_triangular(white.t(), matrix, upper=True)
+
+
 def weighted(shift: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
     """P S, the shift as the regulariser weighs it: dL/dlambda = -<M, P S>."""
     return shift if prior is None else prior @ shift
@@ -129,8 +140,9 @@ class NormalEquation:
     ``prior``: the regulariser's shape P in lambda |S|_P^2 = lambda tr(S^T P S), an SPD a x a
     matrix; None is the paper's identity.  With P = E[k k^T] over ordinary text (scaled to mean
     eigenvalue 1, keystats.py) the solve spends its freedom where unrelated inputs' keys seldom
-    point: (K^T K + lambda P) S* = K^T D, MEMIT's weighting inside MALMEN's solve.  A shaped
-    regulariser always takes the primal form."""
+    point: (K^T K + lambda P) S* = K^T D, MEMIT's weighting inside MALMEN's solve.  With P = L L^T
+    this is the paper's equation in whitened keys K L^-T, with S* = L^-T S'*, so the dual form
+    serves a shaped regulariser too (``whitened``): one Cholesky factor of P per solve."""
 
     def __init__(self, a: int, b: int, device: torch.device | str = "cpu", prior: torch.Tensor | None = None):
         self.a, self.b, self.device = a, b, device
@@ -149,7 +161,7 @@ class NormalEquation:
         self.tokens += keys.shape[0]
         self.dd.add_(d.square().sum(dtype=torch.float64))  # no fp64 copy of d
         self.n.add_(keys.shape[0])
-        if self.A is None and self.prior is None and 2 * self.tokens <= self.a:
+        if self.A is None and 2 * self.tokens <= self.a:
             self.keys.append(keys)
             self.diffs.append(d)
             return
@@ -186,13 +198,14 @@ class NormalEquation:
     def solve(self, lam: torch.Tensor | float) -> "NormalSolution | DualSolution":
         if self.A is None and self.keys:
             K, D = torch.cat(self.keys), torch.cat(self.diffs)
-            Kd = K.double()  # fp64 throughout: X may be large where K K^T is nearly singular
+            white = None if self.prior is None else cholesky(self.prior)
+            Kw = whitened(K.double(), white)  # fp64 throughout: X may be large where K K^T is nearly singular
             lam = torch.as_tensor(lam, dtype=torch.float64, device=K.device)
-            gram = Kd @ Kd.t()
+            gram = Kw @ Kw.t()
             gram.diagonal().add_(lam)
             factor = cholesky(gram)
-            X = torch.cholesky_solve(D.double(), factor)
-            return DualSolution(Kd.t() @ X, K, factor, lam)
+            inner = Kw.t() @ torch.cholesky_solve(D.double(), factor)  # S'* = K'^T (K' K'^T + lambda I)^-1 D
+            return DualSolution(unwhitened(inner, white), Kw, factor, lam, inner, white)
         self.fold()  # with no tokens at all, the sums are zero and S* = 0
         lam = torch.as_tensor(lam, dtype=torch.float64, device=self.A.device)
         matrix = add_regulariser(self.A.clone(), lam, self.prior)
@@ -246,21 +259,27 @@ class NormalSolution:
 
 @dataclass
 class DualSolution:
-    shift64: torch.Tensor   # S* = K^T (K K^T + lambda I)^-1 D, fp64
-    K: torch.Tensor         # the tokens' keys, as traced
-    factor: torch.Tensor    # Cholesky factor of K K^T + lambda I
+    shift64: torch.Tensor   # S* = L^-T K'^T (K' K'^T + lambda I)^-1 D, fp64 (K' = K L^-T; L = I for lambda I)
+    K: torch.Tensor         # the tokens' keys K', whitened (as traced, for lambda I), fp64
+    factor: torch.Tensor    # Cholesky factor of K' K'^T + lambda I
     lam: torch.Tensor
+    inner: torch.Tensor | None = None  # S'* = L^T S*, the whitened shift (None: S* itself)
+    white: torch.Tensor | None = None  # L, the Cholesky factor of P (None: the identity)
 
     @property
     def shift(self) -> torch.Tensor:
         return self.shift64.float()
 
     def backward(self, grad_shift: torch.Tensor) -> "NormalAdjoint":
-        """The primal backward without A: (A + lambda I)^-1 = (I - K^T (K K^T + lambda I)^-1 K) / lambda,
-        so M = (G - K^T (K K^T + lambda I)^-1 K G) / lambda."""
-        G, K = grad_shift.double(), self.K.double()  # fp64: M's part in the keys' span is a small difference
+        """The primal backward without A: (A' + lambda I)^-1 = (I - K'^T (K' K'^T + lambda I)^-1 K') / lambda,
+        so M' = (G' - K'^T (K' K'^T + lambda I)^-1 K' G') / lambda in whitened coordinates
+        (G' = L^-1 G, M = L^-T M', dL/dlambda = -<M', S'*> = -<M, P S*>)."""
+        G = grad_shift.double()  # fp64: M's part in the keys' span is a small difference
+        if self.white is not None:
+            G = torch.linalg.solve_triangular(self.white, G, upper=False)
+        K, inner = self.K, self.shift64 if self.inner is None else self.inner
         M = (G - K.t() @ torch.cholesky_solve(K @ G, self.factor)) / self.lam
-        return NormalAdjoint(M.float(), -(M * self.shift64).sum().float())
+        return NormalAdjoint(unwhitened(M, self.white).float(), -(M * inner).sum().float())
 
 
 @dataclass

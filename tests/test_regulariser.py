@@ -1,0 +1,94 @@
+"""regulariser.py: the shape P of the regulariser lambda P, as a part of the editor (ShapedRegulariser):
+statistics from sampled text or facts' locality keys, kept with the editor in eigenpairs (keystats.py)."""
+import pytest
+import torch
+
+import tiny
+from malmen.editor import EditorConfig, MalmenEditor
+from malmen.hypernet import HyperConfig
+
+
+def test_a_keys_shaped_regulariser_uses_the_key_statistics_and_is_saved(tmp_path):
+    """regulariser='keys': each module's normal equation is regularised by lambda times the keys'
+    second moment over the model's own samples, trace-matched to the identity (keystats.key_prior);
+    the statistics are cached in stats_dir; the setting is saved; mix 0 is the paper's lambda I."""
+    from malmen.keystats import Corpus, key_moments
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    config = dict(hyper=HyperConfig(rank=8, eta_init=0.5), lm_batch_size=3)
+    plain = MalmenEditor(model, tok, EditorConfig(**config))
+    shaped = MalmenEditor(model, tok, EditorConfig(regulariser="keys", **config), hypernet=plain.hypernet)
+    shaped.stats_dir, shaped.corpus = str(tmp_path / "stats"), Corpus(texts=16, length=12, batch_size=8)
+    facts = tiny.facts(6)
+    assert shaped.prepare() > 0 and shaped.prepare() == 0.0  # computed once, then kept
+    priors = shaped.priors()
+    moments = key_moments(model, tok, shaped.modules, shaped.corpus, cache=tmp_path / "stats")  # from the cache
+    for m in shaped.modules:
+        c = moments.mean(m)
+        assert torch.allclose(priors[m], c * (len(c) / c.trace()))
+        assert torch.allclose(priors[m].trace(), torch.tensor(float(len(c)), dtype=torch.float64))
+    ours, paper = shaped.shifts(facts), plain.shifts(facts)
+    assert all(not torch.allclose(ours[m], paper[m], atol=1e-2 * float(paper[m].abs().max())) for m in ours)
+    shaped.config.prior_mix = 0.0  # the kept statistics, reweighed
+    identity = shaped.shifts(facts)
+    # both solve these few tokens in the fp64 dual form, the shaped one in keys whitened by P = I
+    assert all(torch.allclose(identity[m], paper[m], atol=1e-6 * float(paper[m].abs().max())) for m in ours)
+    shaped.config.prior_mix = 1.0
+    shaped.save_pretrained(tmp_path / "ed")
+    loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
+    assert loaded.config.regulariser == "keys" and loaded.config.prior_mix == 1.0
+    few = MalmenEditor(model, tok, EditorConfig(regulariser="keys", **config), hypernet=plain.hypernet)
+    few.stats_facts = facts[:3]  # three locality answers: far fewer keys than the key size
+    with pytest.raises(ValueError, match="fewer than the key size"):
+        few.shifts(facts)
+    few.config.prior_mix = 0.5  # the identity's share keeps P positive definite
+    assert all(torch.isfinite(s).all() for s in few.shifts(facts).values())
+    first = few.key_statistics()[0]
+    for _ in range(3):  # a new list of other facts, even where the old list's memory is reused, is a new source
+        few.stats_facts = list(tiny.facts(4, seed=7))
+        assert few.key_statistics()[1] != 3 or not all(torch.equal(few.key_statistics()[0][m], first[m]) for m in first)
+    with pytest.raises(ValueError, match="regulariser must be one of"):
+        MalmenEditor(model, tok, EditorConfig(regulariser="diagonal", **config))
+
+
+def test_a_kept_prior_edits_as_the_statistics_it_was_kept_from_and_travels_with_the_editor(tmp_path):
+    """keep_prior: the regulariser's shape from facts' locality keys, kept in eigenpairs (float16
+    vectors) and saved (prior.safetensors); the loaded editor edits with it, computing no statistics;
+    new statistics given replace it."""
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(regulariser="keys", prior_mix=0.5,
+                                                   hyper=HyperConfig(rank=8, eta_init=0.5), lm_batch_size=3))
+    facts = tiny.facts(6)
+    editor.use_statistics_of(tiny.facts(30, seed=3))
+    reference = editor.shifts(facts)
+    editor.keep_prior(rank=64)  # the whole key size: P itself, but for the vectors' rounding
+    assert editor.stats_facts is None and editor.metadata["kept_prior"]["rank"] == 64
+    kept = editor.shifts(facts)
+    for m in reference:
+        torch.testing.assert_close(kept[m], reference[m], rtol=2e-2, atol=2e-2 * float(reference[m].abs().max()))
+    editor.save_pretrained(tmp_path / "ed")
+    loaded = MalmenEditor.from_pretrained(tmp_path / "ed", model, tok)
+    again = loaded.shifts(facts)
+    assert loaded._moments is None  # no statistics taken: the kept shape served
+    assert all(torch.allclose(again[m], kept[m], rtol=1e-5, atol=1e-7) for m in kept)
+    loaded.use_statistics_of(tiny.facts(30, seed=4))
+    assert loaded.kept_prior is None and "kept_prior" not in loaded.metadata
+    assert not any(torch.allclose(s, kept[m]) for m, s in loaded.shifts(facts).items())
+
+
+def test_a_prior_kept_at_a_lower_rank_keeps_its_top_eigenpairs_and_its_diagonal():
+    from malmen.keystats import compressed_prior, expanded_prior, key_prior, low_rank
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 16, dtype=torch.float64) * torch.linspace(3, 0.1, 16, dtype=torch.float64)
+    P = key_prior(x.T @ x / 200)
+    parts = compressed_prior(P, 4)
+    assert parts["vectors"].dtype == torch.float16 and parts["vectors"].shape == (16, 4)
+    back = expanded_prior(**parts)
+    assert torch.allclose(back.diagonal(), P.diagonal(), atol=1e-6) and torch.allclose(back.trace(), P.trace())
+    v = torch.linalg.eigh(P)[1].flip(1)[:, :4]
+    low = low_rank(parts["vectors"], parts["values"])
+    assert torch.allclose(v.T @ low @ v, torch.diag(torch.linalg.eigvalsh(P).flip(0)[:4]), atol=2e-2)
+    assert torch.linalg.norm(back - P) < torch.linalg.norm(low - P)  # the diagonal only takes error away
+    top = float(torch.linalg.eigvalsh(P)[-1])
+    assert torch.allclose(expanded_prior(**compressed_prior(P, 16)), P, atol=2e-3 * top)
