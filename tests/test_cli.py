@@ -86,6 +86,28 @@ def test_eval_reports_what_the_library_computes(workspace, trained):
         assert r[key] == pytest.approx(reference[key], abs=1e-9) and len(r[key]) == len(reference[key]) > 0
 
 
+def test_eval_ppl_text_reports_the_perplexity_and_a_text_that_cannot_serve_is_refused_before_loading(workspace, trained,
+                                                                                                  tmp_path):
+    from malmen.adapters import adapter_for
+    from malmen.perplexity import perplexity, windows
+
+    w, results, prose = workspace, tmp_path / "results.json", tmp_path / "prose.txt"
+    prose.write_text("Rain fell on the quiet town while the baker opened his shop before dawn. " * 20)
+    assert main(["eval", "--model", str(w / "model"), "--editor", str(trained / "best"), "--data", str(w / "val.jsonl"),
+                 "--n-edits", "8", "--no-generate", "--ppl-text", str(prose), "--ppl-tokens", "64", "--out", str(results)]) == 0
+    r = json.loads(results.read_text())
+    model, tok = load_tiny(w)
+    rows = windows(tok, prose.read_text(), limit=64)
+    assert r["before"]["PPL"] == pytest.approx(perplexity(adapter_for(model, tok), rows), rel=1e-6)
+    assert r["ppl_tokens"] == 64 and r["PPL"] > 0 and r["ppl_text"] == str(prose)
+    missing = tmp_path / "none.txt"
+    r = run_cli("eval", "--model", str(tmp_path / "no-model"), "--editor", str(trained / "best"), "--data",
+                str(w / "val.jsonl"), "--ppl-text", str(missing), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"malmen: error: {missing}: cannot be read as UTF-8 text (FileNotFoundError)"
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_keeps_a_regulariser_shaped_by_a_fact_files_locality_keys(workspace, trained, tmp_path):
     """export --stats-data: the editor carries the shape (prior.safetensors, regulariser 'keys') and
     edits with it without the file, as the library's editor with the same kept shape; exporting it

@@ -6,7 +6,9 @@ Per fact, averaged over facts (DESIGN.md section 5):
            models; only when the tokenizer has a template);
   *_exact  all answer tokens right;  *_gen  greedy continuation starts with the target;
   LS       fraction of locality answer tokens whose argmax is unchanged by the edit (headline);
-  LS_data  token accuracy against the dataset's locality answer (the paper's variant).
+  LS_data  token accuracy against the dataset's locality answer (the paper's variant);
+  PPL      perplexity of ordinary text given with ``texts`` (perplexity.py; lower is better), the
+           edited figure the mean over groups.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import torch
 from .editor import MalmenEditor, micro_batches
 from .facts import Fact
 from .adapters import Adapter
+from .perplexity import perplexity
 from .replay import TrunkCache
 from .timing import timed
 
-METRICS = ("ES", "GS", "LS", "GS_chat", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data")
+METRICS = ("ES", "GS", "LS", "GS_chat", "ES_exact", "GS_exact", "ES_gen", "GS_gen", "LS_data", "PPL")
 
 
 @torch.no_grad()
@@ -101,12 +104,15 @@ def peak_rss_mb() -> float:
 
 
 def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate: bool = True,
-             progress: Callable[[str], None] | None = None, unedited: dict | None = None) -> dict:
+             progress: Callable[[str], None] | None = None, unedited: dict | None = None,
+             texts: Sequence[torch.Tensor] | None = None) -> dict:
     """Edit ``facts`` in consecutive groups of ``n_edits`` at once; average metrics over all facts.
 
     Every group is edited into the unedited model and reverted afterwards.  ``unedited``: a dict
     kept across calls (several editors of one model): the unedited figures and the recorded trunk
-    of each group are computed once and reused, keyed by the group's facts.
+    of each group are computed once and reused, keyed by the group's facts.  ``texts``: token id
+    windows of ordinary text (perplexity.windows) whose perplexity is measured unedited and after
+    each group's edit (``PPL``).
     """
     facts = list(facts)
     if not facts:
@@ -118,6 +124,8 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
     after: dict[str, list] = {}
     edit_seconds, reports = [], []
     bs = editor.config.lm_batch_size
+    if texts:
+        before["PPL"] = [perplexity(editor.adapter, list(texts))]
     for i, group in enumerate(groups):
         if progress:
             progress(f"group {i + 1}/{len(groups)}: unedited")
@@ -139,6 +147,8 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
             if progress:
                 progress(f"group {i + 1}/{len(groups)}: edited {len(group)} facts in {edit_seconds[-1]:.1f}s")
             m1, _ = snapshot(editor.adapter, group, generate, reference, bs, trunk)
+            if texts:
+                after.setdefault("PPL", []).append(perplexity(editor.adapter, list(texts)))
         finally:
             handle.revert()
         for key in m0:

@@ -237,6 +237,12 @@ class Adapter:
         """``context_masks`` for ``KeyGradTrace``, as ``key_rows``."""
         return self.context_masks(batch, names)
 
+    def text_logprobs(self, texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Log-probabilities of every token of ``texts`` (token id rows) but the first, given the
+        tokens before it, and how many there are (perplexity.py).  Only a model that predicts
+        text has them."""
+        raise ValueError(f"perplexity needs a model that predicts text (a causal LM), not {type(self.model).__name__}")
+
     def chat_prompt(self, question: str) -> str | None:
         """``question`` as a user's turn in the tokenizer's chat template, ready for the answer
         (None when the tokenizer has no template): how people ask an instruct model."""

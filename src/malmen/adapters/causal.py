@@ -152,6 +152,15 @@ class CausalLMAdapter(Adapter):
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return out.logits.float()
 
+    def text_logprobs(self, texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """log p(t_i | t_<i) for i >= 1 of each row of ids, right-padded into one forward pass."""
+        ids, attention = pad_rows([t.tolist() for t in texts], self.pad_id)
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        keep = attention[:, 1:].bool()
+        logits, targets = logits[keep].float(), ids[:, 1:][keep].to(logits.device)
+        return torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0], int(keep.sum())
+
     @torch.no_grad()
     def continuations(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy continuations of a batch of prompts (left-padded for generation)."""
