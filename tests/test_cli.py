@@ -492,3 +492,13 @@ def test_an_output_directory_the_command_did_not_write_is_refused_before_loading
         err = capsys.readouterr().err
         assert f"{mine}: exists and holds no {marker}" in err and "no-model" not in err and "no-patch" not in err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_bench_quality_refuses_a_ppl_text_that_cannot_serve_before_the_model_is_loaded(trained, tmp_path):
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "a", "target": "b"}\n')
+    (tmp_path / "empty.txt").write_text("\n")
+    r = run_cli("bench", "quality", "--model", str(tmp_path / "no-model"), "--methods", f"malmen={trained / 'best'}",
+                "--data", f"tiny={facts}", "--n", "1", "--ppl-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip() == f"malmen: error: {tmp_path / 'empty.txt'}: holds no text", r.stderr
+    assert not (tmp_path / "o").exists()

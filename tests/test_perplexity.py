@@ -82,3 +82,24 @@ def test_a_file_that_cannot_serve_is_refused_naming_it(tmp_path):
         assert str(err.value).startswith(str(tmp_path / name))
     (tmp_path / "ok.txt").write_text(TEXT)
     assert read_text(tmp_path / "ok.txt") == TEXT
+
+
+def test_bench_quality_gives_every_row_the_perplexity_and_measures_the_unedited_one_once():
+    from malmen.baselines import FineTuneConfig, FineTuneEditor
+    from malmen.bench import run_quality
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    malmen = MalmenEditor(model, tok, EditorConfig(hyper=HyperConfig(rank=8, eta_init=1.0), lm_batch_size=4))
+    ft = FineTuneEditor(model, tok, FineTuneConfig(modules=list(malmen.modules), steps=3, lr=1e-2, lm_batch_size=4))
+    rows_ = windows(tok, TEXT, window=32)
+    calls = []
+    original = malmen.adapter.text_logprobs
+    for editor in (malmen, ft):  # count the perplexity passes of both editors' adapters
+        editor.adapter.text_logprobs = lambda texts, f=original: (calls.append(1), f(texts))[1]
+    rows = run_quality({"malmen": malmen, "ft": ft}, [("tiny", "new", tiny.facts(8))], [4], facts_per_point=8,
+                       generate=False, log=lambda m: None, texts=rows_)
+    unedited = direct(model, rows_)
+    assert [r["method"] for r in rows] == ["malmen", "ft"]
+    assert all(r["before_PPL"] == pytest.approx(unedited, rel=1e-5) and r["PPL"] > 0 for r in rows)
+    batches = math.ceil(len(rows_) / 2)  # perplexity's default batch size
+    assert len(calls) == batches * (1 + 2 + 2)  # unedited once, then after each of the 2 groups of each editor

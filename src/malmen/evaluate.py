@@ -124,8 +124,11 @@ def evaluate(editor: MalmenEditor, facts: Sequence[Fact], n_edits: int, generate
     after: dict[str, list] = {}
     edit_seconds, reports = [], []
     bs = editor.config.lm_batch_size
-    if texts:
-        before["PPL"] = [perplexity(editor.adapter, list(texts))]
+    if texts:  # the unedited perplexity once per text, where a cache is shared
+        cache, key = unedited if unedited is not None else {}, ("PPL", tuple(tuple(t.tolist()) for t in texts))
+        if key not in cache:
+            cache[key] = perplexity(editor.adapter, list(texts))
+        before["PPL"] = [cache[key]]
     for i, group in enumerate(groups):
         if progress:
             progress(f"group {i + 1}/{len(groups)}: unedited")

@@ -23,10 +23,11 @@ from ..facts import Fact
 
 def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, Sequence[Fact]]], ns: Sequence[int],
                 facts_per_point: int = 1024, generate: bool = True,
-                log: Callable[[str], None] = print) -> list[dict]:
+                log: Callable[[str], None] = print, texts: Sequence | None = None) -> list[dict]:
     """Rows of results, one per (dataset, target, method, n); n is capped by the facts available.
 
-    ``datasets`` holds (name, target, facts) triples: the same file once per target.
+    ``datasets`` holds (name, target, facts) triples: the same file once per target.  ``texts``: token
+    windows of ordinary text (perplexity.windows), whose perplexity each row gets as PPL.
     """
     from ..methods import prepare
 
@@ -42,7 +43,7 @@ def run_quality(editors: dict[str, object], datasets: Sequence[tuple[str, str, S
             groups = max(1, min(facts_per_point // n, cap // n))
             unedited: dict = {}  # the unedited figures and trunk of each group, shared by the methods, freed per n
             for method, editor in editors.items():
-                result = evaluate(editor, facts[: n * groups], n, generate=generate, unedited=unedited)
+                result = evaluate(editor, facts[: n * groups], n, generate=generate, unedited=unedited, texts=texts)
                 row = {"data": data_name, "target": target, "method": method, "n": n, "groups": groups,
                        "held_out_facts": cap, "edit_seconds": result["edit_seconds"], "peak_rss_mb": result["peak_rss_mb"],
                        "prepare_seconds": prepared[method]}

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (DATA_HINT, UsageError, add_common, add_hyper_precision, checked_method, load,
-                     method_options, read_facts, seed, write_result)
+from .common import (DATA_HINT, UsageError, add_common, add_hyper_precision, add_ppl_text, checked_method, checked_text,
+                     load, method_options, read_facts, seed, text_windows, write_result)
 
 
 def add_parser(sub) -> None:
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     q.add_argument("--n", nargs="+", type=int, default=[1, 16, 128, 1024, 4096, 16384], help="facts edited at once")
     q.add_argument("--facts-per-point", type=int, default=1024, help="groups per point: this many facts // n (at least 1)")
     q.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics (they double the time)")
+    add_ppl_text(q)
     for option in all_options():
         q.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
     q.add_argument("--out", required=True, help="directory for results.json/.csv/.md/.png")
@@ -95,6 +96,7 @@ def quality(args: argparse.Namespace) -> int:
         methods.append((label or name, checked_method(name, editor or None), editor or None))
     if len({label for label, _, _ in methods}) < len(methods):
         raise UsageError("two --methods share a row name: name them LABEL:METHOD=EDITOR")
+    text = checked_text(args)
     splits, skips = per_data(args.split or ["all"], args.data, "--split"), per_data(args.skip, args.data, "--skip")
     datasets = []
     for spec, split, skip in zip(args.data, splits, skips):
@@ -109,8 +111,9 @@ def quality(args: argparse.Namespace) -> int:
     seed(args)
     model, tok = load(args)
     editors = {label: method.build(model, tok, editor, method_options(args)) for label, method, editor in methods}
+    texts = text_windows(args, text, next(iter(editors.values())).adapter)
     rows = run_quality(editors, datasets, args.n, args.facts_per_point, generate=not args.no_generate,
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=lambda m: print(m, file=sys.stderr), texts=texts)
     write_outputs(rows, args.out, args.command)
     print((Path(args.out) / "results.md").read_text())
     return 0

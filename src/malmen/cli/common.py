@@ -227,3 +227,42 @@ def checked_out(path: str | None, marker: str) -> None:
         check_replaceable(path, marker)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def add_ppl_text(sp: argparse.ArgumentParser) -> None:
+    """--ppl-text and --ppl-tokens (perplexity.py), for commands that evaluate edits."""
+    from ..perplexity import LIMIT, WINDOW
+
+    sp.add_argument("--ppl-text", metavar="FILE", help="also report the perplexity of this UTF-8 text (ordinary prose: "
+                    "what an edit costs beyond the locality prompts), unedited and after each edit (PPL)")
+    sp.add_argument("--ppl-tokens", type=int, default=LIMIT, help=f"with --ppl-text: its first N tokens, in windows of {WINDOW}")
+
+
+def checked_text(args: argparse.Namespace) -> str | None:
+    """--ppl-text's text, read before the model is loaded (a file that cannot serve is refused first)."""
+    from ..perplexity import read_text
+
+    if args.ppl_text is None:
+        return None
+    if args.ppl_tokens < 2:
+        raise UsageError(f"--ppl-tokens must be at least 2, not {args.ppl_tokens}")
+    try:
+        return read_text(args.ppl_text)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def text_windows(args: argparse.Namespace, text: str | None, adapter) -> list | None:
+    """``checked_text``'s text in token windows for ``adapter``'s model, refused (naming the file)
+    before any edit when it is too short or the model does not predict text."""
+    from ..perplexity import windows
+
+    if text is None:
+        return None
+    try:
+        texts = windows(adapter.tokenizer, text, limit=args.ppl_tokens)
+        adapter.text_logprobs(texts[:1])
+    except ValueError as err:
+        raise UsageError(f"{args.ppl_text}: {err}") from None
+    return texts
+

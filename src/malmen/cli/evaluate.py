@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..perplexity import LIMIT, WINDOW, read_text, windows
-from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
-                     checked_method, checked_stats_data, load, main_process, method_options, read_facts, seed, write_result)
+from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, add_ppl_text,
+                     checked_device_map, checked_method, checked_stats_data, checked_text, load, main_process,
+                     method_options, read_facts, seed, text_windows, write_result)
 
 
 def add_parser(sub) -> None:
@@ -22,10 +22,7 @@ def add_parser(sub) -> None:
     v.add_argument("--skip", type=int, default=0,
                    help="skip the first facts (e.g. 128: the validation facts malmen train selects its best checkpoint on)")
     v.add_argument("--no-generate", action="store_true", help="skip the greedy-generation metrics")
-    v.add_argument("--ppl-text", metavar="FILE", help="also report the perplexity of this UTF-8 text (ordinary prose: "
-                   "what the edit costs beyond the locality prompts), unedited and after each group's edit (PPL)")
-    v.add_argument("--ppl-tokens", type=int, default=LIMIT, help="with --ppl-text: its first N tokens, in windows of "
-                   f"{WINDOW}")
+    add_ppl_text(v)
     v.add_argument("--out", help="results JSON")
     v.set_defaults(func=run)
 
@@ -49,12 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..methods import prepare
 
     prepared = prepare(editor)  # one-time work (MEMIT's key statistics), timed apart from the edits
-    try:
-        texts = windows(tok, text, limit=args.ppl_tokens) if text is not None else None
-        if texts:
-            editor.adapter.text_logprobs(texts[:1])  # a model that does not predict text is refused before any edit
-    except ValueError as err:
-        raise UsageError(f"{args.ppl_text}: {err}") from None
+    texts = text_windows(args, text, editor.adapter)
     result = evaluate(editor, facts, args.n_edits, generate=not args.no_generate,
                       progress=lambda m: print(m, file=sys.stderr), texts=texts)
     result.update(method=method.name, editor=str(args.editor), prepare_seconds=prepared, skip=args.skip, data=str(args.data),
@@ -68,14 +60,3 @@ def run(args: argparse.Namespace) -> int:
         write_result(args.out, result)
     return 0
 
-
-def checked_text(args: argparse.Namespace) -> str | None:
-    """--ppl-text's text, read before the model is loaded (a file that cannot serve is refused first)."""
-    if args.ppl_text is None:
-        return None
-    if args.ppl_tokens < 2:
-        raise UsageError(f"--ppl-tokens must be at least 2, not {args.ppl_tokens}")
-    try:
-        return read_text(args.ppl_text)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
