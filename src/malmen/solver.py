@@ -205,7 +205,8 @@ class NormalEquation:
             gram.diagonal().add_(lam)
             factor = cholesky(gram)
             inner = Kw.t() @ torch.cholesky_solve(D.double(), factor)  # S'* = K'^T (K' K'^T + lambda I)^-1 D
-            return DualSolution(unwhitened(inner, white), Kw, factor, lam, inner, white)
+            # the identity keeps the keys as traced (half the memory of fp64 ones until the backward)
+            return DualSolution(unwhitened(inner, white), K if white is None else Kw, factor, lam, inner, white)
         self.fold()  # with no tokens at all, the sums are zero and S* = 0
         lam = torch.as_tensor(lam, dtype=torch.float64, device=self.A.device)
         matrix = add_regulariser(self.A.clone(), lam, self.prior)
@@ -260,7 +261,7 @@ class NormalSolution:
 @dataclass
 class DualSolution:
     shift64: torch.Tensor   # S* = L^-T K'^T (K' K'^T + lambda I)^-1 D, fp64 (K' = K L^-T; L = I for lambda I)
-    K: torch.Tensor         # the tokens' keys K', whitened (as traced, for lambda I), fp64
+    K: torch.Tensor         # the tokens' keys: as traced for lambda I, whitened (K' = K L^-T, fp64) for lambda P
     factor: torch.Tensor    # Cholesky factor of K' K'^T + lambda I
     lam: torch.Tensor
     inner: torch.Tensor | None = None  # S'* = L^T S*, the whitened shift (None: S* itself)
@@ -277,7 +278,7 @@ class DualSolution:
         G = grad_shift.double()  # fp64: M's part in the keys' span is a small difference
         if self.white is not None:
             G = torch.linalg.solve_triangular(self.white, G, upper=False)
-        K, inner = self.K, self.shift64 if self.inner is None else self.inner
+        K, inner = self.K.double(), self.shift64 if self.inner is None else self.inner
         M = (G - K.t() @ torch.cholesky_solve(K @ G, self.factor)) / self.lam
         return NormalAdjoint(unwhitened(M, self.white).float(), -(M * inner).sum().float())
 
