@@ -115,3 +115,31 @@ def test_an_exported_lambda_scale_is_the_editors_own_until_a_method_option_overr
         main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "bad"), "--lambda-scale", "-1"])
     assert stop.value.code == 2 and "must be positive" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_exported_prior_mix_is_the_editors_own_until_a_method_option_overrides_it(tmp_path, capsys):
+    """``malmen export --prior-mix M`` stores M: an editor with a kept shape then edits with
+    (1 - M) I + M P, as ``eval --prior-mix M`` does with the source, which still overrides it."""
+    from malmen.methods import METHODS
+
+    model, tok, editor = trained_editor(tmp_path)
+    editor.config.regulariser, editor.config.prior_mix = "keys", 0.5
+    editor.use_statistics_of(tiny.facts(30, seed=3))
+    editor.keep_prior(rank=16)
+    editor.save_pretrained(tmp_path / "kept")
+    assert main(["export", "--editor", str(tmp_path / "kept"), "--out", str(tmp_path / "m02"), "--prior-mix", "0.2"]) == 0
+    assert "prior mix 0.2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m02" / "editor.json").read_text())["config"]["prior_mix"] == 0.2
+    facts = tiny.facts(6)
+    own = METHODS["malmen"].build(model, tok, str(tmp_path / "m02"), {})
+    asked = METHODS["malmen"].build(model, tok, str(tmp_path / "kept"), {"prior_mix": 0.2})
+    assert own.config.prior_mix == asked.config.prior_mix == 0.2
+    for a, b in zip(own.shifts(facts).values(), asked.shifts(facts).values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))  # the export rounds the factors to float16
+    source = METHODS["malmen"].build(model, tok, str(tmp_path / "kept"), {})
+    for a, b in zip(own.shifts(facts).values(), source.shifts(facts).values()):
+        assert not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))  # mix 0.2 is not the source's 0.5
+    with pytest.raises(SystemExit) as stop:  # refused while the command line is parsed
+        main(["export", "--editor", str(tmp_path / "kept"), "--out", str(tmp_path / "bad"), "--prior-mix", "1.5"])
+    assert stop.value.code == 2 and "must lie in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

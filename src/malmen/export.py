@@ -22,13 +22,15 @@ FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "float16", command: str | None = None,
-                  prior: tuple[dict, dict] | None = None, lambda_scale: float | None = None) -> Path:
+                  prior: tuple[dict, dict] | None = None, lambda_scale: float | None = None,
+                  prior_mix: float | None = None) -> Path:
     """Write the editor ``source`` (a directory or shipped name) to ``out`` with its factors stored in
     ``factor_dtype``, atomically; every other entry of editor.json and every other tensor (a kept
     prior too) is kept, and ``command`` (the export's, as typed) is added to its ``commands``.
     ``prior``: a kept regulariser shape and its record (``MalmenEditor.keep_prior``) to store
     instead, with the regulariser set to 'keys'. ``lambda_scale``: the factor on the learned regularisers
-    to store (``EditorConfig.lambda_scale``; None keeps the source's).
+    to store (``EditorConfig.lambda_scale``; None keeps the source's); ``prior_mix``, the identity's share
+    beside a shaped regulariser, likewise (``EditorConfig.prior_mix``).
 
     Returns ``out``. Loading the result (``MalmenEditor.from_pretrained``) casts the factors back to
     float32, so the edit differs from the source's only by their rounding."""
@@ -41,8 +43,9 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     meta = {**meta, "stored_factors": factor_dtype}
     if command is not None:
         meta["commands"] = [*meta.get("commands", []), command]
-    if lambda_scale is not None:
-        meta["config"] = {**meta["config"], "lambda_scale": float(lambda_scale)}
+    for key, value in (("lambda_scale", lambda_scale), ("prior_mix", prior_mix)):
+        if value is not None:
+            meta["config"] = {**meta["config"], key: float(value)}
     if prior is not None:
         meta["config"] = {**meta["config"], "regulariser": "keys"}
         meta["kept_prior"] = prior[1]

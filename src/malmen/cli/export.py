@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..formats import EDITOR_FILE
-from ..methods import positive
+from ..methods import fraction, positive
 from .common import UsageError, add_common, checked_out, checked_stats_data, load, read_facts
 
 
@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
                    help="with --stats-data: eigenpairs kept per module (and the diagonal of the rest)")
     x.add_argument("--lambda-scale", type=positive, help="store this factor on the learned regularisers with the "
                    "editor (its edits then use it; eval's --lambda-scale still overrides it) (default: the source's)")
+    x.add_argument("--prior-mix", type=fraction, help="store this share of the regulariser's shape with the editor, "
+                   "(1 - M) I + M P (eval's --prior-mix still overrides it) (default: the source's)")
     add_common(x)
     x.set_defaults(func=run)
 
@@ -41,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
     checked_stats_data(args)
     checked_out(args.out, EDITOR_FILE)
     prior = kept_prior(args) if args.stats_data else None
-    out = export_editor(args.editor, args.out, args.factor_dtype, args.command, prior, args.lambda_scale)
+    out = export_editor(args.editor, args.out, args.factor_dtype, args.command, prior, args.lambda_scale, args.prior_mix)
     print(f"exported {args.editor} to {out} (factors in {args.factor_dtype}"
           + (f"; regulariser kept at rank {args.stats_rank}" if prior else "")
-          + (f"; lambda scale {args.lambda_scale:g}" if args.lambda_scale else "") + ")")
+          + (f"; lambda scale {args.lambda_scale:g}" if args.lambda_scale else "")
+          + (f"; prior mix {args.prior_mix:g}" if args.prior_mix is not None else "") + ")")
     return 0
 
 
