@@ -265,4 +265,3 @@ def text_windows(args: argparse.Namespace, text: str | None, adapter) -> list | 
     except ValueError as err:
         raise UsageError(f"{args.ppl_text}: {err}") from None
     return texts
-

@@ -59,4 +59,3 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         write_result(args.out, result)
     return 0
-
