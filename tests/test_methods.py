@@ -78,5 +78,5 @@ def test_lambda_scale_equals_a_learned_lambda_that_large(trained_editors):
     for m in a:
         torch.testing.assert_close(a[m], b[m], rtol=1e-4, atol=1e-7)
         assert a[m].norm() < c[m].norm()
-    with pytest.raises(ValueError, match="lambda-scale"):
+    with pytest.raises(ValueError, match="lambda_scale must be positive"):
         METHODS["malmen"].build(model, tok, str(trained_editors["malmen"]), {"lambda_scale": 0.0})
