@@ -38,18 +38,18 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
         raise ValueError(f"factor dtype {factor_dtype!r}: one of {', '.join(FACTOR_DTYPES)}")
     path = registry.resolve_editor(source)
     meta = registry.editor_config(path)
-    shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-    hypernet = HyperNetwork.from_file(path / EDITOR_WEIGHTS, shapes, EditorConfig.from_dict(meta["config"]).hyper)
-    meta = {**meta, "stored_factors": factor_dtype}
+    settings = {"lambda_scale": None if lambda_scale is None else float(lambda_scale),
+                "prior_mix": None if prior_mix is None else float(prior_mix),
+                "regulariser": "keys" if prior is not None else None}
+    meta = {**meta, "stored_factors": factor_dtype,
+            "config": {**meta["config"], **{k: v for k, v in settings.items() if v is not None}}}
+    config = EditorConfig.from_dict(meta["config"]).check()  # refused before anything is read or written
     if command is not None:
         meta["commands"] = [*meta.get("commands", []), command]
-    for key, value in (("lambda_scale", lambda_scale), ("prior_mix", prior_mix)):
-        if value is not None:
-            meta["config"] = {**meta["config"], key: float(value)}
     if prior is not None:
-        meta["config"] = {**meta["config"], "regulariser": "keys"}
         meta["kept_prior"] = prior[1]
-    EditorConfig.from_dict(meta["config"]).check()  # nothing is written for a config no editor could use
+    shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+    hypernet = HyperNetwork.from_file(path / EDITOR_WEIGHTS, shapes, config.hyper)
     # the source is read in full first: out may be the source itself (atomic_dir replaces it only at
     # the end, so its files can still be copied); an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:
