@@ -125,6 +125,10 @@ def test_export_keeps_a_regulariser_shaped_by_a_fact_files_locality_keys(workspa
     meta = json.loads((out / "editor.json").read_text())
     assert meta["config"]["regulariser"] == "keys" and meta["kept_prior"]["rank"] == 16
     assert (out / "prior.safetensors").is_file() and meta["commands"][-1].startswith("malmen export ")
+    # the hyper-network loaded to keep the shape is the one written: the same bytes as an export without it
+    assert main(["export", "--editor", str(trained / "best"), "--out", str(tmp_path / "plain"), "--factor-dtype",
+                 "float32"]) == 0
+    assert (out / "editor.safetensors").read_bytes() == (tmp_path / "plain" / "editor.safetensors").read_bytes()
     assert main(["eval", "--model", str(w / "model"), "--editor", str(out), "--data", str(w / "val.jsonl"),
                  "--n-edits", "8", "--no-generate", "--out", str(results)]) == 0
     r = json.loads(results.read_text())

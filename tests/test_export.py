@@ -1,5 +1,6 @@
 """Exported editors: low-rank factors stored in float16, everything else as it was."""
 import json
+import re
 
 import pytest
 import torch
@@ -88,58 +89,59 @@ def test_export_command(tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"  # a directory not an editor's is never replaced
 
 
-def test_an_exported_lambda_scale_is_the_editors_own_until_a_method_option_overrides_it(tmp_path, capsys):
-    """``malmen export --lambda-scale F`` stores F with the editor; the malmen method then solves with F
-    times the learned regularisers unless ``--lambda-scale`` is given (1 restores the learned ones)."""
+@pytest.mark.parametrize("option, stored, other, bad, refusal", [
+    ("lambda_scale", 3.0, 1.0, -1.0, "must be positive"),       # F times the learned regularisers
+    ("prior_mix", 0.2, 0.5, 1.5, r"must lie in \[0, 1\]"),     # (1 - M) I + M P with a kept shape
+])
+def test_an_exported_setting_is_the_editors_own_until_a_method_option_overrides_it(tmp_path, capsys, option, stored,
+                                                                                   other, bad, refusal):
+    """``malmen export --lambda-scale F`` and ``--prior-mix M`` store the setting with the editor: the
+    malmen method then edits with it, as the source does when the method's option asks for it, unless
+    that option is given (which overrides it); a value out of range is refused, nothing written."""
     from malmen.methods import METHODS
 
     model, tok, editor = trained_editor(tmp_path)
-    assert main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "x3"), "--lambda-scale", "3"]) == 0
-    assert "lambda scale 3" in capsys.readouterr().out
-    assert json.loads((tmp_path / "x3" / "editor.json").read_text())["config"]["lambda_scale"] == 3.0
-    facts = tiny.facts(6)
-    own = METHODS["malmen"].build(model, tok, str(tmp_path / "x3"), {})
-    assert own.config.lambda_scale == 3.0
-    restored = METHODS["malmen"].build(model, tok, str(tmp_path / "x3"), {"lambda_scale": 1.0})
-    assert restored.config.lambda_scale == 1.0
-    export_editor(tmp_path / "ed", tmp_path / "half")
-    half = MalmenEditor.from_pretrained(tmp_path / "half", model, tok)  # the same export at the learned λ
-    for a, b in zip(restored.shifts(facts).values(), half.shifts(facts).values()):
-        assert torch.equal(a, b)
-    for a, b in zip(own.shifts(facts).values(), half.shifts(facts).values()):
-        assert not torch.allclose(a, b, rtol=1e-3)  # three times λ writes less
-        assert a.norm() < b.norm()
-    with pytest.raises(ValueError, match="positive"):
-        export_editor(tmp_path / "ed", tmp_path / "bad", lambda_scale=0.0)
+    source = tmp_path / "ed"
+    if option == "prior_mix":  # a mix needs a kept shape to weigh against the identity
+        editor.config.regulariser, editor.config.prior_mix = "keys", other
+        editor.use_statistics_of(tiny.facts(30, seed=3))
+        editor.keep_prior(rank=16)
+        editor.save_pretrained(source := tmp_path / "kept")
+    flag, out = "--" + option.replace("_", "-"), tmp_path / "stored"
+    assert main(["export", "--editor", str(source), "--out", str(out), flag, str(stored)]) == 0
+    assert f"{option.replace('_', ' ')} {stored:g}" in capsys.readouterr().out
+    assert json.loads((out / "editor.json").read_text())["config"][option] == stored
+
+    def shifts(path, options):
+        editor = METHODS["malmen"].build(model, tok, str(path), options)
+        return editor.config, list(editor.shifts(tiny.facts(6)).values())
+
+    def close(a, b):  # the export rounds the factors to float16
+        return all(torch.allclose(x, y, rtol=1e-3, atol=1e-3 * float(y.abs().max())) for x, y in zip(a, b))
+
+    (own_config, own), (asked_config, asked) = shifts(out, {}), shifts(source, {option: stored})
+    assert getattr(own_config, option) == getattr(asked_config, option) == stored
+    assert close(own, asked) and not close(own, shifts(source, {})[1])
+    overridden_config, overridden = shifts(out, {option: other})
+    assert getattr(overridden_config, option) == other and close(overridden, shifts(source, {option: other})[1])
+    with pytest.raises(ValueError, match=refusal):
+        export_editor(source, tmp_path / "bad", **{option: bad})  # EditorConfig.check
     with pytest.raises(SystemExit) as stop:  # refused while the command line is parsed
-        main(["export", "--editor", str(tmp_path / "ed"), "--out", str(tmp_path / "bad"), "--lambda-scale", "-1"])
-    assert stop.value.code == 2 and "must be positive" in capsys.readouterr().err
+        main(["export", "--editor", str(source), "--out", str(tmp_path / "bad"), flag, str(bad)])
+    assert stop.value.code == 2 and re.search(f"argument {flag}: .*{refusal}", capsys.readouterr().err)
     assert not (tmp_path / "bad").exists()
 
 
-def test_an_exported_prior_mix_is_the_editors_own_until_a_method_option_overrides_it(tmp_path, capsys):
-    """``malmen export --prior-mix M`` stores M: an editor with a kept shape then edits with
-    (1 - M) I + M P, as ``eval --prior-mix M`` does with the source, which still overrides it."""
-    from malmen.methods import METHODS
+def test_export_writes_a_hyper_network_given_loaded_and_refuses_one_of_other_modules(tmp_path):
+    """``hypernet=``: the source's hyper-network already loaded (export --stats-data loads the editor)
+    is written as the file's would be; one built for other modules is refused, nothing written."""
+    from malmen.hypernet import HyperNetwork
 
-    model, tok, editor = trained_editor(tmp_path)
-    editor.config.regulariser, editor.config.prior_mix = "keys", 0.5
-    editor.use_statistics_of(tiny.facts(30, seed=3))
-    editor.keep_prior(rank=16)
-    editor.save_pretrained(tmp_path / "kept")
-    assert main(["export", "--editor", str(tmp_path / "kept"), "--out", str(tmp_path / "m02"), "--prior-mix", "0.2"]) == 0
-    assert "prior mix 0.2" in capsys.readouterr().out
-    assert json.loads((tmp_path / "m02" / "editor.json").read_text())["config"]["prior_mix"] == 0.2
-    facts = tiny.facts(6)
-    own = METHODS["malmen"].build(model, tok, str(tmp_path / "m02"), {})
-    asked = METHODS["malmen"].build(model, tok, str(tmp_path / "kept"), {"prior_mix": 0.2})
-    assert own.config.prior_mix == asked.config.prior_mix == 0.2
-    for a, b in zip(own.shifts(facts).values(), asked.shifts(facts).values()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))  # the export rounds the factors to float16
-    source = METHODS["malmen"].build(model, tok, str(tmp_path / "kept"), {})
-    for a, b in zip(own.shifts(facts).values(), source.shifts(facts).values()):
-        assert not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))  # mix 0.2 is not the source's 0.5
-    with pytest.raises(SystemExit) as stop:  # refused while the command line is parsed
-        main(["export", "--editor", str(tmp_path / "kept"), "--out", str(tmp_path / "bad"), "--prior-mix", "1.5"])
-    assert stop.value.code == 2 and "must lie in [0, 1]" in capsys.readouterr().err
+    _, _, editor = trained_editor(tmp_path)
+    export_editor(tmp_path / "ed", tmp_path / "read")
+    export_editor(tmp_path / "ed", tmp_path / "given", hypernet=editor.hypernet)
+    assert (tmp_path / "given" / "editor.safetensors").read_bytes() == (tmp_path / "read" / "editor.safetensors").read_bytes()
+    other = HyperNetwork({m: (a + 1, b) for m, (a, b) in editor.hypernet.shapes.items()}, editor.config.hyper)
+    with pytest.raises(ValueError, match="hyper-network given was built for"):
+        export_editor(tmp_path / "ed", tmp_path / "bad", hypernet=other)
     assert not (tmp_path / "bad").exists()

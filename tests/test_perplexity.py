@@ -66,10 +66,23 @@ def test_eval_reports_the_perplexity_unedited_and_after_each_edit_and_the_revert
     assert "PPL" not in evaluate(editor, tiny.facts(4), 4, generate=False)  # only with texts
 
 
-def test_a_model_that_does_not_predict_text_has_no_perplexity():
+def test_a_model_that_does_not_predict_text_has_no_perplexity_and_the_command_line_refuses_it_unrun():
+    """The adapter says so (``predicts_text``): the command line refuses the text naming the file
+    without running the model."""
+    import argparse
+
+    from malmen.cli.common import UsageError, text_windows
+
     adapter = adapter_for(tiny.t5(), tiny.tokenizer())
+    assert not adapter.predicts_text and adapter_for(tiny.llama(), tiny.tokenizer()).predicts_text
     with pytest.raises(ValueError, match="perplexity needs a model that predicts text"):
         perplexity(adapter, windows(tiny.tokenizer(), TEXT, window=16))
+    calls = []
+    adapter.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    args = argparse.Namespace(ppl_text="prose.txt", ppl_tokens=64)
+    with pytest.raises(UsageError, match="^prose.txt: perplexity needs a model that predicts text"):
+        text_windows(args, TEXT, adapter)
+    assert calls == []
 
 
 def test_a_file_that_cannot_serve_is_refused_naming_it(tmp_path):

@@ -24,12 +24,17 @@ def test_a_keys_shaped_regulariser_uses_the_key_statistics_and_is_saved(tmp_path
     priors = shaped.priors()
     moments = key_moments(model, tok, shaped.modules, shaped.corpus, cache=tmp_path / "stats")  # from the cache
     for m in shaped.modules:
-        c = moments.mean(m)
-        assert torch.allclose(priors[m], c * (len(c) / c.trace()))
-        assert torch.allclose(priors[m].trace(), torch.tensor(float(len(c)), dtype=torch.float64))
+        c, P = moments.mean(m), priors[m].matrix
+        assert torch.allclose(P, c * (len(c) / c.trace()))
+        assert torch.allclose(P.trace(), torch.tensor(float(len(c)), dtype=torch.float64))
+        assert torch.allclose(priors[m].factor @ priors[m].factor.t(), P)
+    # made once: every edit reuses the shapes and their factors until the mix or the statistics change
+    assert all(shaped.priors()[m] is priors[m] for m in shaped.modules)
     ours, paper = shaped.shifts(facts), plain.shifts(facts)
     assert all(not torch.allclose(ours[m], paper[m], atol=1e-2 * float(paper[m].abs().max())) for m in ours)
     shaped.config.prior_mix = 0.0  # the kept statistics, reweighed
+    assert all(torch.equal(shaped.priors()[m].matrix, torch.eye(len(priors[m].matrix), dtype=torch.float64))
+               for m in shaped.modules)
     identity = shaped.shifts(facts)
     # both solve these few tokens in the fp64 dual form, the shaped one in keys whitened by P = I
     assert all(torch.allclose(identity[m], paper[m], atol=1e-6 * float(paper[m].abs().max())) for m in ours)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from malmen.solver import (AGGREGATIONS, JointNormalEquation, NormalEquation, SumAggregation, Tokens, cholesky, report,
+from malmen.solver import (AGGREGATIONS, JointNormalEquation, NormalEquation, Shape, SumAggregation, Tokens, cholesky, report,
                            value_differences)
 
 
@@ -88,7 +88,9 @@ def test_a_shaped_regulariser_solves_and_differentiates_like_autograd():
         S = torch.linalg.solve(keys.t() @ keys + lam_r * prior, keys.t() @ D)
         (S * G).sum().backward()
 
-        agg, folded = NormalEquation(a, 3, prior=prior.float()), NormalEquation(a, 3, prior=prior.float())
+        shape = Shape.of(prior.float(), "cpu")  # made once, its factor reused by every solve
+        agg, folded = NormalEquation(a, 3, prior=shape), NormalEquation(a, 3, prior=prior.float())
+        assert agg.white is shape.factor and Shape.of(shape, "cpu") is shape
         for each in (agg, folded):
             each.accumulate(Tokens(keys, pkeys, pgrads, eta))
         folded.fold()

@@ -23,14 +23,16 @@ FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "float16", command: str | None = None,
                   prior: tuple[dict, dict] | None = None, lambda_scale: float | None = None,
-                  prior_mix: float | None = None) -> Path:
+                  prior_mix: float | None = None, hypernet: HyperNetwork | None = None) -> Path:
     """Write the editor ``source`` (a directory or shipped name) to ``out`` with its factors stored in
     ``factor_dtype``, atomically; every other entry of editor.json and every other tensor (a kept
     prior too) is kept, and ``command`` (the export's, as typed) is added to its ``commands``.
     ``prior``: a kept regulariser shape and its record (``MalmenEditor.keep_prior``) to store
     instead, with the regulariser set to 'keys'. ``lambda_scale``: the factor on the learned regularisers
     to store (``EditorConfig.lambda_scale``; None keeps the source's); ``prior_mix``, the identity's share
-    beside a shaped regulariser, likewise (``EditorConfig.prior_mix``).
+    beside a shaped regulariser, likewise (``EditorConfig.prior_mix``). ``hypernet``: the source's
+    hyper-network where a caller has it loaded already (the editor that kept ``prior``), so that its
+    file is not read a second time.
 
     Returns ``out``. Loading the result (``MalmenEditor.from_pretrained``) casts the factors back to
     float32, so the edit differs from the source's only by their rounding."""
@@ -49,7 +51,10 @@ def export_editor(source: str | Path, out: str | Path, factor_dtype: str = "floa
     if prior is not None:
         meta["kept_prior"] = prior[1]
     shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-    hypernet = HyperNetwork.from_file(path / EDITOR_WEIGHTS, shapes, config.hyper)
+    if hypernet is None:
+        hypernet = HyperNetwork.from_file(path / EDITOR_WEIGHTS, shapes, config.hyper)
+    elif hypernet.shapes != shapes:
+        raise ValueError(f"the hyper-network given was built for {hypernet.shapes}, {path} for {shapes}")
     # the source is read in full first: out may be the source itself (atomic_dir replaces it only at
     # the end, so its files can still be copied); an out that is not an editor is refused
     with io.atomic_dir(out, marker=EDITOR_FILE) as tmp:

@@ -6,7 +6,8 @@ model samples (keystats.key_moments), once per source, or kept with the editor i
 (``keep_prior``, EDITOR_PRIOR) so that it edits with that shape without the data.
 
 ``ShapedRegulariser`` holds where the statistics come from and what was taken; ``MalmenEditor``
-mixes it in and provides ``model``, ``adapter``, ``modules``, ``config``, ``hypernet`` and ``metadata``.
+mixes it in and provides ``model``, ``adapter``, ``modules``, ``placement``, ``config``, ``hypernet`` and
+``metadata``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from .facts import Fact
 from .keystats import Corpus, answer_moments, compressed_prior, expanded_prior, key_moments, key_prior
+from .solver import Shape
 from .timing import timed
 
 
@@ -40,22 +42,31 @@ class ShapedRegulariser:
     def kept_prior(self, kept: dict[str, dict[str, torch.Tensor]] | None) -> None:
         self._kept = kept
         self._expanded: dict[str, torch.Tensor] | None = None  # {module: P}, expanded on first use
+        self._shapes: tuple | None = None  # (moments, (mix, placement), {module: Shape}): priors(), made once
 
-    def priors(self) -> dict[str, torch.Tensor] | None:
+    def priors(self) -> dict[str, Shape] | None:
         """Each module's regulariser shape P in the normal equation's lambda P (solver.NormalEquation):
         None for the paper's identity; for ``regulariser='keys'`` the second moment of the module's
-        keys, scaled to mean eigenvalue 1: at the answer positions of ``stats_facts``' locality
-        prompts where given (keystats.answer_moments), else over text the model samples itself
-        (``corpus``, keystats.key_moments; cached in ``stats_dir``).  The statistics are taken on
-        first use from the model as it is then, and kept: they describe the unedited model's inputs."""
+        keys, scaled to mean eigenvalue 1 and mixed with the identity (``prior_mix``): at the answer
+        positions of ``stats_facts``' locality prompts where given (keystats.answer_moments), else
+        over text the model samples itself (``corpus``, keystats.key_moments; cached in ``stats_dir``).
+        The statistics are taken on first use from the model as it is then, and kept: they describe
+        the unedited model's inputs.  The shapes, each with its Cholesky factor beside its module's
+        weight, are made once for these moments, mix and placement and reused by every edit."""
         if self.config.regulariser == "identity":
             return None
         if self.kept_prior is not None and self.stats_facts is None:
             if self._expanded is None:
                 self._expanded = {m: expanded_prior(**self.kept_prior[m]) for m in self.modules}
-            return {m: key_prior(self._expanded[m], self.config.prior_mix) for m in self.modules}
-        means, _ = self.checked_statistics()
-        return {m: key_prior(means[m], self.config.prior_mix) for m in self.modules}
+            moments = self._expanded
+        else:
+            moments, _ = self.checked_statistics()
+        placement = self.placement()
+        made_for = (self.config.prior_mix, tuple(placement.items()))
+        if self._shapes is None or self._shapes[0] is not moments or self._shapes[1] != made_for:
+            shapes = {m: Shape.of(key_prior(moments[m], self.config.prior_mix), placement[m]) for m in self.modules}
+            self._shapes = (moments, made_for, shapes)
+        return self._shapes[2]
 
     def checked_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
         """``key_statistics``: E[k kᵀ] per module and the keys' count, refused when they come from fewer keys than the key

@@ -15,7 +15,8 @@ Each aggregation is used the same way, over all edited modules at once; every st
 result instead of keeping it, so nothing carries over from one call to the next:
 
     agg = AGGREGATIONS[name](shapes, device)   # empty sums (``placement=``: a device per module;
-                                               # ``priors=``: a regulariser shape P per module, lambda P)
+                                               # ``priors=``: a regulariser shape P per module, lambda P,
+                                               # as a ``Shape`` made once or a matrix)
     agg.accumulate(chunk)                      # chunk: {module: Tokens}, the same tokens in each
     agg.statistics() / agg.add_statistics(s)   # the sums by name: save them, add another's
     solution = agg.solve(lams)                 # solution.shifts: {module: S (a x b), fp32}
@@ -119,6 +120,27 @@ def unwhitened(matrix: torch.Tensor, white: torch.Tensor | None) -> torch.Tensor
     return matrix if white is None else torch.linalg.solve_triangular(white.t(), matrix, upper=True)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A regulariser's shape P (SPD, a x a) with its Cholesky factor L (P = L L^T), fp64 on one
+    device.  Made once (``of``) and handed to every solve that uses it, so that neither the fp64
+    copy nor the factor the dual form whitens with is made again for each edit."""
+
+    matrix: torch.Tensor
+    factor: torch.Tensor
+
+    @classmethod
+    def of(cls, prior: "Shape | torch.Tensor", device: torch.device | str) -> "Shape":
+        """``prior`` as a shape on ``device``: itself when it already is one there."""
+        device = torch.device(device)
+        if isinstance(prior, Shape):
+            if prior.matrix.device == device or (device.index is None and prior.matrix.device.type == device.type):
+                return prior
+            prior = prior.matrix
+        matrix = prior.to(device, torch.float64)
+        return cls(matrix, cholesky(matrix))
+
+
 def weighted(shift: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
     """P S, the shift as the regulariser weighs it: dL/dlambda = -<M, P S>."""
     return shift if prior is None else prior @ shift
@@ -142,11 +164,13 @@ class NormalEquation:
     eigenvalue 1, keystats.py) the solve spends its freedom where unrelated inputs' keys seldom
     point: (K^T K + lambda P) S* = K^T D, MEMIT's weighting inside MALMEN's solve.  With P = L L^T
     this is the paper's equation in whitened keys K L^-T, with S* = L^-T S'*, so the dual form
-    serves a shaped regulariser too (``whitened``): one Cholesky factor of P per solve."""
+    serves a shaped regulariser too (``whitened``), with the factor P's ``Shape`` carries."""
 
-    def __init__(self, a: int, b: int, device: torch.device | str = "cpu", prior: torch.Tensor | None = None):
+    def __init__(self, a: int, b: int, device: torch.device | str = "cpu", prior: Shape | torch.Tensor | None = None):
         self.a, self.b, self.device = a, b, device
-        self.prior = None if prior is None else prior.to(device, torch.float64)
+        shape = None if prior is None else Shape.of(prior, device)
+        self.prior = None if shape is None else shape.matrix  # P, fp64
+        self.white = None if shape is None else shape.factor  # L, P = L L^T (the dual form's whitening)
         self.keys: list[torch.Tensor] = []    # dual form: the tokens' keys, as traced ...
         self.diffs: list[torch.Tensor] = []   # ... and their value differences, fp32
         self.A: torch.Tensor | None = None    # primal form: fp64 sums (None while dual)
@@ -198,7 +222,7 @@ class NormalEquation:
     def solve(self, lam: torch.Tensor | float) -> "NormalSolution | DualSolution":
         if self.A is None and self.keys:
             K, D = torch.cat(self.keys), torch.cat(self.diffs)
-            white = None if self.prior is None else cholesky(self.prior)
+            white = self.white
             Kw = whitened(K.double(), white)  # fp64 throughout: X may be large where K K^T is nearly singular
             lam = torch.as_tensor(lam, dtype=torch.float64, device=K.device)
             gram = Kw @ Kw.t()
@@ -296,7 +320,7 @@ class NormalAdjoint:
 class SumAggregation:
     """MEND's aggregation for one module: S = -eta sum_j k~_j g~_j^T (no regulariser)."""
 
-    def __init__(self, a: int, b: int, device: torch.device | str = "cpu", prior: torch.Tensor | None = None):
+    def __init__(self, a: int, b: int, device: torch.device | str = "cpu", prior: Shape | torch.Tensor | None = None):
         if prior is not None:
             raise ValueError("MEND's sum aggregation has no regulariser to shape (regulariser: identity)")
         self.B = torch.zeros(a, b, dtype=torch.float64, device=device)
@@ -352,7 +376,7 @@ class PerModule:
 
     def __init__(self, cls, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu",
                  placement: Mapping[str, torch.device | str] | None = None,
-                 priors: Mapping[str, torch.Tensor] | None = None):
+                 priors: Mapping[str, Shape | torch.Tensor] | None = None):
         """``placement``: a device per module, where its sums and shift live (a model spread over
         devices keeps them beside the module's weight); modules it does not name use ``device``.
         ``priors``: each module's regulariser shape (NormalEquation's ``prior``)."""
@@ -435,7 +459,7 @@ class JointNormalEquation:
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device | str = "cpu",
                  placement: Mapping[str, torch.device | str] | None = None,
-                 priors: Mapping[str, torch.Tensor] | None = None):
+                 priors: Mapping[str, Shape | torch.Tensor] | None = None):
         """``priors``: each module's regulariser shape P_l (lambda_l P_l in place of lambda_l I)."""
         values = {b for _, b in shapes.values()}
         if len(values) != 1:
@@ -446,7 +470,7 @@ class JointNormalEquation:
         total, b = sum(self.sizes), values.pop()
         self.A = torch.zeros(total, total, dtype=torch.float64, device=device)
         self.B = torch.zeros(total, b, dtype=torch.float64, device=device)
-        self.priors = {n: p.to(self.device, torch.float64) for n, p in (priors or {}).items()}
+        self.priors = {n: Shape.of(p, self.device).matrix for n, p in (priors or {}).items()}
         self.dd = torch.zeros(1, dtype=torch.float64, device=device)  # |sum_l d_l|^2, for the fit alone
         self.n = torch.zeros(1, dtype=torch.float64, device=device)   # keys N, summed like A and B
 

@@ -151,6 +151,8 @@ class Adapter:
 
     default_n_last = 6  # blocks whose MLP output is edited by default
     key_positions: tuple[str, ...] = ("answer",)  # where keys can be read (``key_masks``)
+    predicts_text = False  # whether ``text_logprobs`` serves (perplexity.py): a causal LM's
+
 
     def __init__(self, model: nn.Module, tokenizer, max_length: int | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -241,7 +243,11 @@ class Adapter:
         """Log-probabilities of every token of ``texts`` (token id rows) but the first, given the
         tokens before it, and how many there are (perplexity.py).  Only a model that predicts
         text has them."""
-        raise ValueError(f"perplexity needs a model that predicts text (a causal LM), not {type(self.model).__name__}")
+        raise ValueError(self.refusal_of_text())
+
+    def refusal_of_text(self) -> str:
+        """Why this adapter's model has no perplexity (``predicts_text`` False)."""
+        return f"perplexity needs a model that predicts text (a causal LM), not {type(self.model).__name__}"
 
     def chat_prompt(self, question: str) -> str | None:
         """``question`` as a user's turn in the tokenizer's chat template, ready for the answer

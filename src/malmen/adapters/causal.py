@@ -24,6 +24,7 @@ class CausalLMAdapter(Adapter):
     """Prompt and answer in one sequence; position t predicts token t+1."""
 
     key_positions = ("answer", "first", "subject")
+    predicts_text = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -259,9 +259,10 @@ def text_windows(args: argparse.Namespace, text: str | None, adapter) -> list | 
 
     if text is None:
         return None
+    if not adapter.predicts_text:
+        raise UsageError(f"{args.ppl_text}: {adapter.refusal_of_text()}")
     try:
         texts = windows(adapter.tokenizer, text, limit=args.ppl_tokens)
-        adapter.text_logprobs(texts[:1])
     except ValueError as err:
         raise UsageError(f"{args.ppl_text}: {err}") from None
     return texts

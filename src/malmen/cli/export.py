@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--stats-texts and --stats-rank must be positive")
     checked_stats_data(args)
     checked_out(args.out, EDITOR_FILE)
-    prior = kept_prior(args) if args.stats_data else None
-    out = export_editor(args.editor, args.out, args.factor_dtype, args.command, prior, args.lambda_scale, args.prior_mix)
+    prior, hypernet = kept_prior(args) if args.stats_data else (None, None)
+    out = export_editor(args.editor, args.out, args.factor_dtype, args.command, prior, args.lambda_scale, args.prior_mix,
+                        hypernet=hypernet)
     print(f"exported {args.editor} to {out} (factors in {args.factor_dtype}"
           + (f"; regulariser kept at rank {args.stats_rank}" if prior else "")
           + (f"; lambda scale {args.lambda_scale:g}" if args.lambda_scale else "")
@@ -51,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def kept_prior(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The editor's kept prior (``MalmenEditor.keep_prior``) from --stats-data: its tensors and record."""
+def kept_prior(args: argparse.Namespace) -> tuple[tuple[dict, dict], object]:
+    """The editor's kept prior (``MalmenEditor.keep_prior``) from --stats-data, its tensors and record,
+    and the editor's hyper-network (loaded for it, so the export does not read it again)."""
     from ..editor import MalmenEditor
 
     model, tok = load(args)
@@ -62,4 +64,4 @@ def kept_prior(args: argparse.Namespace) -> tuple[dict, dict]:
                                         fmt=args.format))
     editor.keep_prior(args.stats_rank, source=f"locality prompts of the first {args.stats_texts} facts of the train "
                       f"part of {args.stats_data}")
-    return editor.kept_prior, editor.metadata["kept_prior"]
+    return (editor.kept_prior, editor.metadata["kept_prior"]), editor.hypernet
