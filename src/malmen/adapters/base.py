@@ -153,7 +153,6 @@ class Adapter:
     key_positions: tuple[str, ...] = ("answer",)  # where keys can be read (``key_masks``)
     predicts_text = False  # whether ``text_logprobs`` serves (perplexity.py): a causal LM's
 
-
     def __init__(self, model: nn.Module, tokenizer, max_length: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         config = model.config
