@@ -108,6 +108,34 @@ def test_eval_ppl_text_reports_the_perplexity_and_a_text_that_cannot_serve_is_re
     assert not (tmp_path / "o").exists()
 
 
+def test_a_rephrase_share_is_kept_by_export_and_refused_before_loading_without_facts_that_have_rephrases(
+        workspace, trained, tmp_path, capsys):
+    """--rephrase-share: export keeps the blended shape and records the share; without --stats-data,
+    or with facts that have no rephrases, it is refused (exit 2) before the model loads (none here)."""
+    from malmen.facts import Fact
+
+    w, out = workspace, tmp_path / "kept"
+    tiny.write_facts(tmp_path / "stats.jsonl", tiny.facts(200, seed=8))
+    assert main(["export", "--editor", str(trained / "best"), "--out", str(out), "--model", str(w / "model"),
+                 "--stats-data", str(tmp_path / "stats.jsonl"), "--stats-texts", "200", "--stats-rank", "16",
+                 "--rephrase-share", "0.5"]) == 0
+    assert "rephrase share 0.5" in capsys.readouterr().out
+    kept = json.loads((out / "editor.json").read_text())["kept_prior"]
+    assert kept["rephrase_share"] == 0.5 and "rephrases' key moves" in kept["source"]
+    bare = [Fact(prompt=f.prompt, target=f.target, locality_prompt=f.locality_prompt, locality_answer=f.locality_answer)
+            for f in tiny.facts(50, seed=8)]
+    tiny.write_facts(tmp_path / "bare.jsonl", bare)
+    nowhere = str(tmp_path / "no-model")
+    for argv, message in (
+            (["eval", "--editor", str(out), "--data", str(w / "val.jsonl"), "--n-edits", "8", "--rephrase-share", "0.5",
+              "--out", str(tmp_path / "r.json")], "--rephrase-share needs --stats-data"),
+            (["export", "--editor", str(out), "--out", str(tmp_path / "x"), "--stats-data", str(tmp_path / "bare.jsonl"),
+              "--rephrase-share", "0.5"], "bare.jsonl: no rephrases among the first")):
+        assert main([*argv, "--model", nowhere]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "r.json").exists()
+
+
 def test_export_keeps_a_regulariser_shaped_by_a_fact_files_locality_keys(workspace, trained, tmp_path):
     """export --stats-data: the editor carries the shape (prior.safetensors, regulariser 'keys') and
     edits with it without the file, as the library's editor with the same kept shape; exporting it

@@ -5,6 +5,7 @@ import torch
 
 import tiny
 from malmen.editor import EditorConfig, MalmenEditor
+from malmen.facts import Fact
 from malmen.hypernet import HyperConfig
 
 
@@ -97,3 +98,65 @@ def test_a_prior_kept_at_a_lower_rank_keeps_its_top_eigenpairs_and_its_diagonal(
     assert torch.linalg.norm(back - P) < torch.linalg.norm(low - P)  # the diagonal only takes error away
     top = float(torch.linalg.eigvalsh(P)[-1])
     assert torch.allclose(expanded_prior(**compressed_prior(P, 16)), P, atol=2e-3 * top)
+
+
+def test_rephrase_moments_are_the_second_moment_of_each_answer_keys_move_from_prompt_to_rephrase():
+    """keystats.rephrase_moments: E[(k' - k)(k' - k)ᵀ], k' and k read at the same answer token after
+    the rephrase and after the prompt, equal to the moves computed from each pair's own trace."""
+    from malmen.adapters import adapter_for
+    from malmen.keystats import rephrase_moments
+    from malmen.tracing import KeyGradTrace
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    adapter, modules, facts = adapter_for(model, tok), ["model.layers.1.mlp.down_proj"], tiny.facts(7, seed=2)
+    moves = rephrase_moments(adapter, modules, [f.prompt for f in facts], [f.rephrases[0] for f in facts],
+                             [f.target for f in facts], batch_size=3)
+
+    def keys(prompt, answer):
+        batch = adapter.batch([prompt], [answer])
+        with torch.no_grad(), KeyGradTrace(model, modules, adapter.key_rows(batch, modules), keep_grads=False) as t:
+            adapter.answer_logits(batch)
+        return t.keys[modules[0]].double()
+
+    d = torch.cat([keys(f.rephrases[0], f.target) - keys(f.prompt, f.target) for f in facts])
+    assert moves.count == len(d) > len(facts)  # every answer token of every fact (two words each)
+    torch.testing.assert_close(moves.mean(modules[0]), d.T @ d / len(d), rtol=1e-4, atol=1e-6 * float((d.T @ d).abs().max()))
+
+
+def test_a_rephrase_share_blends_the_moves_into_the_shape_kept_and_refused_without_facts(tmp_path):
+    """use_statistics_of(facts, rephrase_share=r): the shape before the identity's mix is
+    (1 - r) C' + r W' (each scaled to mean eigenvalue 1), the editor edits with it, keeps it
+    (recorded in kept_prior) and r = 0 is the locality shape alone; refused without facts."""
+    from malmen.keystats import key_prior
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(regulariser="keys", prior_mix=0.5,
+                                                   hyper=HyperConfig(rank=8, eta_init=0.5), lm_batch_size=3))
+    stats, facts = tiny.facts(30, seed=3), tiny.facts(6)
+    editor.use_statistics_of(stats)
+    C = {m: c.clone() for m, c in editor.key_statistics()[0].items()}
+    plain = editor.shifts(facts)
+    W = editor.rephrase_statistics()
+    editor.use_statistics_of(stats, rephrase_share=0.25)
+    means, _ = editor.key_statistics()
+    for m in editor.modules:
+        expected = 0.75 * key_prior(C[m]) + 0.25 * key_prior(W[m])
+        torch.testing.assert_close(means[m], expected)
+        torch.testing.assert_close(editor.priors()[m].matrix, 0.5 * torch.eye(len(expected), dtype=torch.float64)
+                                   + 0.5 * expected)
+    blended = editor.shifts(facts)
+    assert not any(torch.allclose(blended[m], plain[m], rtol=1e-3) for m in plain)
+    editor.keep_prior(rank=64)
+    assert editor.metadata["kept_prior"]["rephrase_share"] == 0.25 and editor.rephrase_share == 0.0
+    kept = editor.shifts(facts)
+    for m in blended:
+        torch.testing.assert_close(kept[m], blended[m], rtol=2e-2, atol=2e-2 * float(blended[m].abs().max()))
+    with pytest.raises(ValueError, match="needs facts with rephrases"):
+        editor.use_statistics_of(None, rephrase_share=0.5)
+    with pytest.raises(ValueError, match="must lie in"):
+        editor.use_statistics_of(stats, rephrase_share=1.5)
+    bare = [Fact(prompt=f.prompt, target=f.target, locality_prompt=f.locality_prompt, locality_answer=f.locality_answer)
+            for f in stats]
+    editor.use_statistics_of(bare, rephrase_share=0.5)
+    with pytest.raises(ValueError, match="no rephrases"):
+        editor.shifts(facts)

@@ -461,7 +461,7 @@ class MalmenEditor(ShapedRegulariser):
 def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, method) -> MalmenEditor:
     """The factory of the 'malmen' and 'mend' methods (methods.py): a trained editor, loaded, with
     the method's options (``lambda_scale``, ``regulariser``, ``prior_mix``, ``stats_dir``, ``stats_texts``,
-    ``stats_data``) applied;
+    ``stats_data``, ``rephrase_share``) applied;
     an option left at None keeps the editor's own setting."""
     loaded = MalmenEditor.from_pretrained(editor, model, tokenizer)
     for key in ("lambda_scale", "regulariser", "prior_mix"):
@@ -476,5 +476,8 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
         from .datasets import load_facts
 
         facts = load_facts(options["stats_data"], split="train")  # never a held-out part's own locality prompts
-        loaded.use_statistics_of([f for _, f in zip(range(options.get("stats_texts") or 512), facts)])
+        loaded.use_statistics_of([f for _, f in zip(range(options.get("stats_texts") or 512), facts)],
+                                 options.get("rephrase_share") or 0.0)
+    elif options.get("rephrase_share"):
+        raise ValueError("--rephrase-share needs --stats-data (facts with rephrases)")
     return loaded

@@ -113,6 +113,35 @@ def answer_moments(adapter, modules: Sequence[str], prompts: Sequence[str], answ
     return moments
 
 
+def rephrase_moments(adapter, modules: Sequence[str], prompts: Sequence[str], rephrases: Sequence[str],
+                     answers: Sequence[str], batch_size: int = 32) -> SecondMoments:
+    """E[(k' - k)(k' - k)ᵀ] of ``modules``: how the keys at the answer positions move when a question
+    is asked in other words, k read with the prompt and k' with its rephrase, answer token for answer
+    token (the same answer, so the same positions).  A regulariser heavy in these directions keeps
+    the shift off them, so that a rephrase receives what its prompt does."""
+    moves = SecondMoments()
+    for i in range(0, len(prompts), batch_size):
+        answer = answers[i:i + batch_size]
+        keys = []
+        for asked in (prompts[i:i + batch_size], rephrases[i:i + batch_size]):
+            batch = adapter.batch(asked, answer)
+            with torch.no_grad(), KeyGradTrace(adapter.model, modules, adapter.key_rows(batch, modules),
+                                               keep_grads=False) as t:
+                adapter.answer_logits(batch)
+            keys.append(t.keys)
+        if any(keys[0][m].shape != keys[1][m].shape for m in modules):
+            raise ValueError("a prompt and its rephrase gave different numbers of answer positions")
+        moves.add({m: keys[1][m].float() - keys[0][m].float() for m in modules})
+    return moves
+
+
+def blended(second_moment: torch.Tensor, moves: torch.Tensor, share: float) -> torch.Tensor:
+    """A regulariser's shape before ``key_prior``'s mix with the identity: ``(1 - share) C' + share W'``,
+    C' and W' the keys' second moment and their rephrase moves (``rephrase_moments``) each scaled to
+    mean eigenvalue 1, so the blend keeps the identity's trace (share 0: C' itself)."""
+    return (1.0 - share) * key_prior(second_moment) + share * key_prior(moves)
+
+
 def corpus_identity(model: nn.Module, corpus: Corpus) -> dict:
     """What the sampled texts depend on: the model (family, sizes, a sample of its embeddings) and the corpus."""
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())

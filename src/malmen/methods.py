@@ -164,6 +164,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                     Option("--stats-data", str, None, "malmen with --regulariser keys: take the key statistics at "
                            "the answer positions of this fact file's locality prompts (its train part, the first "
                            "--stats-texts), not from text the model samples"),
+                    Option("--rephrase-share", fraction, None, "malmen with --stats-data: blend into the regulariser's "
+                           "shape, with this weight, how those facts' answer keys move from prompt to rephrase (the "
+                           "shift spares those directions, so rephrases get what their prompts get) (default: 0)"),
                     STATS_TEXTS, STATS_DIR)),
     Method("mend", "editor:from_method", "MEND: a trained hyper-network, its shifts summed (needs a MEND-trained editor)",
            trained=True, aggregations=("sum",), device_map=True),

@@ -2,7 +2,8 @@
 
 λ I is the paper's; with ``regulariser='keys'`` P is the second moment of each edited module's keys,
 taken at the answer positions of facts' locality prompts (keystats.answer_moments) or over text the
-model samples (keystats.key_moments), once per source, or kept with the editor in eigenpairs
+model samples (keystats.key_moments), optionally blended with how facts' answer keys move from
+prompt to rephrase (keystats.rephrase_moments, ``rephrase_share``), once per source, or kept with the editor in eigenpairs
 (``keep_prior``, EDITOR_PRIOR) so that it edits with that shape without the data.
 
 ``ShapedRegulariser`` holds where the statistics come from and what was taken; ``MalmenEditor``
@@ -16,7 +17,8 @@ from typing import Sequence
 import torch
 
 from .facts import Fact
-from .keystats import Corpus, answer_moments, compressed_prior, expanded_prior, key_moments, key_prior
+from .keystats import (Corpus, answer_moments, blended, compressed_prior, expanded_prior, key_moments, key_prior,
+                       rephrase_moments)
 from .solver import Shape
 from .timing import timed
 
@@ -28,7 +30,8 @@ class ShapedRegulariser:
         """No statistics taken and none kept; ``regulariser='keys'`` samples text unless told otherwise."""
         self.stats_dir: str | None = "~/.cache/malmen"  # where key statistics are cached (None: not at all)
         self.corpus = Corpus()                            # the text they are taken over (regulariser 'keys') ...
-        self.stats_facts: list[Fact] | None = None        # ... or these facts' locality prompts, where given
+        self.stats_facts: list[Fact] | None = None        # ... or these facts' locality prompts, where given,
+        self.rephrase_share = 0.0                         # ... blended with their rephrases' key moves
         self._moments: tuple[tuple, dict] | None = None   # (source, {module: E[k kᵀ]}): the statistics, once
         self.kept_prior = None
 
@@ -80,7 +83,9 @@ class ShapedRegulariser:
 
     def key_statistics(self) -> tuple[dict[str, torch.Tensor], int]:
         """E[k kᵀ] of every edited module and the number of keys behind it, from ``stats_facts``
-        or ``corpus`` (see ``priors``); computed once per source and kept."""
+        or ``corpus`` (see ``priors``); with a ``rephrase_share`` r, (1 - r) C' + r W' instead
+        (keystats.blended: W the moves of the keys from the facts' prompts to their rephrases);
+        computed once per source and kept."""
         if not self._statistics_kept():
             if self.stats_facts is not None:
                 pairs = [(f.locality_prompt, f.locality_answer) for f in self.stats_facts if f.has_locality]
@@ -90,8 +95,22 @@ class ShapedRegulariser:
                                          batch_size=self.config.lm_batch_size)
             else:
                 moments = key_moments(self.model, self.adapter.tokenizer, self.modules, self.corpus, cache=self.stats_dir)
-            self._moments = (self._statistics_source(), ({m: moments.mean(m) for m in self.modules}, moments.count))
+            means = {m: moments.mean(m) for m in self.modules}
+            if self.rephrase_share:
+                moves = self.rephrase_statistics()
+                means = {m: blended(means[m], moves[m], self.rephrase_share) for m in self.modules}
+            self._moments = (self._statistics_source(), (means, moments.count))
         return self._moments[1]
+
+    def rephrase_statistics(self) -> dict[str, torch.Tensor]:
+        """E[(k' - k)(k' - k)ᵀ] of every edited module over ``stats_facts`` with a rephrase
+        (keystats.rephrase_moments)."""
+        asked = [f for f in self.stats_facts if f.rephrases]
+        if not asked:
+            raise ValueError("the key statistics' facts have no rephrases (a rephrase share needs them)")
+        moves = rephrase_moments(self.adapter, self.modules, [f.prompt for f in asked], [f.rephrases[0] for f in asked],
+                                 [f.target for f in asked], batch_size=self.config.lm_batch_size)
+        return {m: moves.mean(m) for m in self.modules}
 
     def keep_prior(self, rank: int, source: str | None = None) -> None:
         """Keep the regulariser's shape from the present statistics (``stats_facts`` or ``corpus``,
@@ -104,27 +123,36 @@ class ShapedRegulariser:
         source = source or ("locality prompts of facts" if self.stats_facts is not None
                             else f"{self.corpus.texts} texts of {self.corpus.length} tokens sampled from the model")
         self.metadata["kept_prior"] = {"rank": rank, "keys": count, "source": source}
-        self.stats_facts = None  # from now on the kept shape is the one used
+        if self.rephrase_share:
+            self.metadata["kept_prior"]["rephrase_share"] = self.rephrase_share
+        self.stats_facts, self.rephrase_share = None, 0.0  # from now on the kept shape is the one used
 
-    def use_statistics_of(self, facts: Sequence[Fact] | None) -> None:
+    def use_statistics_of(self, facts: Sequence[Fact] | None, rephrase_share: float = 0.0) -> None:
         """Take the regulariser's key statistics at the answer positions of ``facts``' locality
         prompts (``priors``); facts given replace a kept shape, None keeps it (or, with none kept,
-        the statistics come from text the model samples)."""
-        self.stats_facts = facts
+        the statistics come from text the model samples).  ``rephrase_share`` r: the shape blends
+        in, with weight r, how the facts' answer keys move from prompt to rephrase
+        (``key_statistics``), so that the shift spares those directions and rephrases get what
+        their prompts get."""
+        if not 0.0 <= rephrase_share <= 1.0:
+            raise ValueError(f"rephrase_share must lie in [0, 1], not {rephrase_share}")
+        if rephrase_share and facts is None:
+            raise ValueError("a rephrase share needs facts with rephrases (statistics from facts, not sampled text)")
+        self.stats_facts, self.rephrase_share = facts, float(rephrase_share)
         if facts is not None:
             self.kept_prior = None
             self.metadata.pop("kept_prior", None)
 
     def _statistics_source(self) -> tuple:
-        return self.stats_facts, self.corpus, tuple(self.modules)
+        return self.stats_facts, self.corpus, tuple(self.modules), self.rephrase_share
 
     def _statistics_kept(self) -> bool:
         """Whether the kept statistics come from the present source: the same facts object (held,
         so its identity cannot pass to a new list), corpus and modules."""
         if self._moments is None:
             return False
-        facts, corpus, modules = self._moments[0]
-        return facts is self.stats_facts and (corpus, modules) == (self.corpus, tuple(self.modules))
+        facts, *rest = self._moments[0]
+        return facts is self.stats_facts and tuple(rest) == self._statistics_source()[1:]
 
     def prepare(self) -> float:
         """The one-time work before editing (methods.prepare): the key statistics a shaped

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                    "this fact file's locality prompts (its train part, the first --stats-texts; regulariser 'keys', "
                    "editor.keep_prior): the editor then edits with it, without the file; loads --model")
     x.add_argument("--stats-texts", type=int, default=4096, help="with --stats-data: how many of its facts")
+    x.add_argument("--rephrase-share", type=fraction, default=0.0,
+                   help="with --stats-data: blend into the kept shape, with this weight, how those facts' answer keys "
+                        "move from prompt to rephrase (rephrases then get what their prompts get)")
     x.add_argument("--stats-rank", type=int, default=256,
                    help="with --stats-data: eigenpairs kept per module (and the diagonal of the rest)")
     x.add_argument("--lambda-scale", type=positive, help="store this factor on the learned regularisers with the "
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
                         hypernet=hypernet)
     print(f"exported {args.editor} to {out} (factors in {args.factor_dtype}"
           + (f"; regulariser kept at rank {args.stats_rank}" if prior else "")
+          + (f", rephrase share {args.rephrase_share:g}" if prior and args.rephrase_share else "")
           + (f"; lambda scale {args.lambda_scale:g}" if args.lambda_scale else "")
           + (f"; prior mix {args.prior_mix:g}" if args.prior_mix is not None else "") + ")")
     return 0
@@ -61,7 +65,8 @@ def kept_prior(args: argparse.Namespace) -> tuple[tuple[dict, dict], object]:
     editor = MalmenEditor.from_pretrained(args.editor, model, tok)
     editor.config.regulariser = "keys"
     editor.use_statistics_of(read_facts(args.stats_data, args.target, split="train", limit=args.stats_texts,
-                                        fmt=args.format))
+                                        fmt=args.format), args.rephrase_share)
+    moves = f" and their rephrases' key moves (share {args.rephrase_share:g})" if args.rephrase_share else ""
     editor.keep_prior(args.stats_rank, source=f"locality prompts of the first {args.stats_texts} facts of the train "
-                      f"part of {args.stats_data}")
+                      f"part of {args.stats_data}{moves}")
     return (editor.kept_prior, editor.metadata["kept_prior"]), editor.hypernet

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..methods import REGULARISERS, fraction
-from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, load, read_facts, seed
+from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, checked_stats_data, load, read_facts, seed
 
 DEFAULT_RANK = 256  # a new editor's hyper-network rank (hypernet.HyperConfig's; here without importing torch)
 
@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
                    "be given when the editor edits, or kept with it by malmen export --stats-data), not from text "
                    "the model samples")
     t.add_argument("--stats-texts", type=int, default=512, help="texts (or --stats-data facts) for the key statistics")
+    t.add_argument("--rephrase-share", type=fraction, default=0.0,
+                   help="with --stats-data: blend into the regulariser's shape, with this weight, how those facts' "
+                        "answer keys move from prompt to rephrase (rephrases then get what their prompts get)")
     t.add_argument("--prior-mix", type=fraction, help="with --regulariser keys: P = (1 - mix) I + mix E[k kᵀ] (default 1)")
     t.add_argument("--rank", type=int, help="rank of the hyper-network's blocks (the paper: 1920 on GPT-J); with "
                    "--init-editor, a higher rank widens the editor's blocks, the same shifts at the start "
@@ -97,13 +100,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.val_data and args.no_split:
         val = train[-args.val_n:]
         train = train[:-args.val_n]
+    checked_stats_data(args)
     stats_facts = None
     if args.stats_data:
         stats_facts = read_facts(args.stats_data, args.target, split="train", limit=args.stats_texts, fmt=args.format)
     seed(args)
     model, tok = load(args)
     trainer = build_trainer(args, model, tok, train, val)
-    trainer.editor.use_statistics_of(stats_facts)
+    trainer.editor.use_statistics_of(stats_facts, args.rephrase_share)
     trainer.editor.corpus = dataclasses.replace(trainer.editor.corpus, texts=args.stats_texts)
     return fit(args, trainer)
 
