@@ -140,7 +140,8 @@ def test_export_writes_a_hyper_network_given_loaded_and_refuses_one_of_other_mod
     _, _, editor = trained_editor(tmp_path)
     export_editor(tmp_path / "ed", tmp_path / "read")
     export_editor(tmp_path / "ed", tmp_path / "given", hypernet=editor.hypernet)
-    assert (tmp_path / "given" / "editor.safetensors").read_bytes() == (tmp_path / "read" / "editor.safetensors").read_bytes()
+    given, read = (tmp_path / d / "editor.safetensors" for d in ("given", "read"))
+    assert given.read_bytes() == read.read_bytes()
     other = HyperNetwork({m: (a + 1, b) for m, (a, b) in editor.hypernet.shapes.items()}, editor.config.hyper)
     with pytest.raises(ValueError, match="hyper-network given was built for"):
         export_editor(tmp_path / "ed", tmp_path / "bad", hypernet=other)

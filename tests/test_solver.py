@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from malmen.solver import (AGGREGATIONS, JointNormalEquation, NormalEquation, Shape, SumAggregation, Tokens, cholesky, report,
-                           value_differences)
+from malmen.solver import (AGGREGATIONS, JointNormalEquation, NormalEquation, Shape, SumAggregation, Tokens, cholesky,
+                           report, value_differences)
 
 
 def random_problem(n=7, a=5, b=3, seed=0):

@@ -3,8 +3,8 @@
 λ I is the paper's; with ``regulariser='keys'`` P is the second moment of each edited module's keys,
 taken at the answer positions of facts' locality prompts (keystats.answer_moments) or over text the
 model samples (keystats.key_moments), optionally blended with how facts' answer keys move from
-prompt to rephrase (keystats.rephrase_moments, ``rephrase_share``), once per source, or kept with the editor in eigenpairs
-(``keep_prior``, EDITOR_PRIOR) so that it edits with that shape without the data.
+prompt to rephrase (keystats.rephrase_moments, ``rephrase_share``), once per source, or kept with the
+editor in eigenpairs (``keep_prior``, EDITOR_PRIOR) so that it edits with that shape without the data.
 
 ``ShapedRegulariser`` holds where the statistics come from and what was taken; ``MalmenEditor``
 mixes it in and provides ``model``, ``adapter``, ``modules``, ``placement``, ``config``, ``hypernet`` and
