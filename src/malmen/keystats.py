@@ -106,11 +106,17 @@ def answer_moments(adapter, modules: Sequence[str], prompts: Sequence[str], answ
     prompts (the inputs edits must leave alone).  ``adapter``: how the model is fed (adapters/)."""
     moments = SecondMoments()
     for i in range(0, len(prompts), batch_size):
-        batch = adapter.batch(prompts[i:i + batch_size], answers[i:i + batch_size])
-        with torch.no_grad(), KeyGradTrace(adapter.model, modules, adapter.key_rows(batch, modules), keep_grads=False) as t:
-            adapter.answer_logits(batch)
-        moments.add(t.keys)
+        moments.add(answer_keys(adapter, modules, prompts[i:i + batch_size], answers[i:i + batch_size]))
     return moments
+
+
+def answer_keys(adapter, modules: Sequence[str], prompts: Sequence[str],
+                answers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The keys of ``modules`` at the answer positions of one batch of teacher-forced pairs, in row order."""
+    batch = adapter.batch(prompts, answers)
+    with torch.no_grad(), KeyGradTrace(adapter.model, modules, adapter.key_rows(batch, modules), keep_grads=False) as t:
+        adapter.answer_logits(batch)
+    return t.keys
 
 
 def rephrase_moments(adapter, modules: Sequence[str], prompts: Sequence[str], rephrases: Sequence[str],
@@ -121,17 +127,11 @@ def rephrase_moments(adapter, modules: Sequence[str], prompts: Sequence[str], re
     the shift off them, so that a rephrase receives what its prompt does."""
     moves = SecondMoments()
     for i in range(0, len(prompts), batch_size):
-        answer = answers[i:i + batch_size]
-        keys = []
-        for asked in (prompts[i:i + batch_size], rephrases[i:i + batch_size]):
-            batch = adapter.batch(asked, answer)
-            with torch.no_grad(), KeyGradTrace(adapter.model, modules, adapter.key_rows(batch, modules),
-                                               keep_grads=False) as t:
-                adapter.answer_logits(batch)
-            keys.append(t.keys)
-        if any(keys[0][m].shape != keys[1][m].shape for m in modules):
+        s = slice(i, i + batch_size)
+        k, k2 = (answer_keys(adapter, modules, asked[s], answers[s]) for asked in (prompts, rephrases))
+        if any(k[m].shape != k2[m].shape for m in modules):
             raise ValueError("a prompt and its rephrase gave different numbers of answer positions")
-        moves.add({m: keys[1][m].float() - keys[0][m].float() for m in modules})
+        moves.add({m: k2[m].float() - k[m].float() for m in modules})
     return moves
 
 

@@ -470,7 +470,9 @@ class JointNormalEquation:
         total, b = sum(self.sizes), values.pop()
         self.A = torch.zeros(total, total, dtype=torch.float64, device=device)
         self.B = torch.zeros(total, b, dtype=torch.float64, device=device)
-        self.priors = {n: Shape.of(p, self.device).matrix for n, p in (priors or {}).items()}
+        # only P itself: the joint solve never whitens, so a matrix given needs no factor
+        self.priors = {n: (p.matrix if isinstance(p, Shape) else p).to(self.device, torch.float64)
+                       for n, p in (priors or {}).items()}
         self.dd = torch.zeros(1, dtype=torch.float64, device=device)  # |sum_l d_l|^2, for the fit alone
         self.n = torch.zeros(1, dtype=torch.float64, device=device)   # keys N, summed like A and B
 

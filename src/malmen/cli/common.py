@@ -140,14 +140,15 @@ def checked_method(name: str | None, editor: str | None):
     return method
 
 
-def checked_stats_data(args: argparse.Namespace) -> None:
+def checked_stats_data(args: argparse.Namespace) -> list | None:
     """Read --stats-data (malmen's key statistics from a fact file's locality prompts) before
-    anything loads: a bad record, or no locality prompt in the part used, stops here."""
+    anything loads: a bad record, or no locality prompt in the part used, stops here.  Returns the
+    facts read (None without --stats-data), so a command that uses them reads the file once."""
     path, share = getattr(args, "stats_data", None), getattr(args, "rephrase_share", None)
     if path is None:
         if share:
             raise UsageError("--rephrase-share needs --stats-data (facts with rephrases)")
-        return
+        return None
     facts = read_facts(path, args.target, split="train", limit=args.stats_texts, fmt=args.format)
     if not any(f.has_locality for f in facts):
         raise UsageError(f"{path}: no locality prompts among the first {len(facts)} facts of its train part "
@@ -155,6 +156,7 @@ def checked_stats_data(args: argparse.Namespace) -> None:
     if share and not any(f.rephrases for f in facts):
         raise UsageError(f"{path}: no rephrases among the first {len(facts)} facts of its train part "
                          "(--rephrase-share needs them)")
+    return facts
 
 
 def read_facts(path: str, target: str, split: str | None = None, limit: int | None = None,

@@ -6,7 +6,7 @@ import argparse
 
 from ..formats import EDITOR_FILE
 from ..methods import fraction, positive
-from .common import UsageError, add_common, checked_out, checked_stats_data, load, read_facts
+from .common import UsageError, add_common, checked_out, checked_stats_data, load
 
 
 def add_parser(sub) -> None:
@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if args.stats_texts < 1 or args.stats_rank < 1:
         raise UsageError("--stats-texts and --stats-rank must be positive")
-    checked_stats_data(args)
+    stats_facts = checked_stats_data(args)
     checked_out(args.out, EDITOR_FILE)
-    prior, hypernet = kept_prior(args) if args.stats_data else (None, None)
+    prior, hypernet = kept_prior(args, stats_facts) if stats_facts else (None, None)
     out = export_editor(args.editor, args.out, args.factor_dtype, args.command, prior, args.lambda_scale, args.prior_mix,
                         hypernet=hypernet)
     print(f"exported {args.editor} to {out} (factors in {args.factor_dtype}"
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def kept_prior(args: argparse.Namespace) -> tuple[tuple[dict, dict], object]:
+def kept_prior(args: argparse.Namespace, stats_facts: list) -> tuple[tuple[dict, dict], object]:
     """The editor's kept prior (``MalmenEditor.keep_prior``) from --stats-data, its tensors and record,
     and the editor's hyper-network (loaded for it, so the export does not read it again)."""
     from ..editor import MalmenEditor
@@ -64,8 +64,7 @@ def kept_prior(args: argparse.Namespace) -> tuple[tuple[dict, dict], object]:
     model, tok = load(args)
     editor = MalmenEditor.from_pretrained(args.editor, model, tok)
     editor.config.regulariser = "keys"
-    editor.use_statistics_of(read_facts(args.stats_data, args.target, split="train", limit=args.stats_texts,
-                                        fmt=args.format), args.rephrase_share)
+    editor.use_statistics_of(stats_facts, args.rephrase_share)
     moves = f" and their rephrases' key moves (share {args.rephrase_share:g})" if args.rephrase_share else ""
     editor.keep_prior(args.stats_rank, source=f"locality prompts of the first {args.stats_texts} facts of the train "
                       f"part of {args.stats_data}{moves}")

@@ -100,10 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.val_data and args.no_split:
         val = train[-args.val_n:]
         train = train[:-args.val_n]
-    checked_stats_data(args)
-    stats_facts = None
-    if args.stats_data:
-        stats_facts = read_facts(args.stats_data, args.target, split="train", limit=args.stats_texts, fmt=args.format)
+    stats_facts = checked_stats_data(args)
     seed(args)
     model, tok = load(args)
     trainer = build_trainer(args, model, tok, train, val)
