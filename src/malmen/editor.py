@@ -472,12 +472,11 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
         loaded.stats_dir = options["stats_dir"]
     if options.get("stats_texts"):
         loaded.corpus = Corpus(texts=options["stats_texts"])
+    facts = None  # None keeps the editor's kept shape (or sampled text); a rephrase share is then refused
     if options.get("stats_data"):
         from .datasets import load_facts
 
-        facts = load_facts(options["stats_data"], split="train")  # never a held-out part's own locality prompts
-        loaded.use_statistics_of([f for _, f in zip(range(options.get("stats_texts") or 512), facts)],
-                                 options.get("rephrase_share") or 0.0)
-    elif options.get("rephrase_share"):
-        raise ValueError("--rephrase-share needs --stats-data (facts with rephrases)")
+        stream = load_facts(options["stats_data"], split="train")  # never a held-out part's own locality prompts
+        facts = [f for _, f in zip(range(options.get("stats_texts") or 512), stream)]
+    loaded.use_statistics_of(facts, options.get("rephrase_share") or 0.0)
     return loaded

@@ -131,12 +131,13 @@ class Shape:
 
     @classmethod
     def of(cls, prior: "Shape | torch.Tensor", device: torch.device | str) -> "Shape":
-        """``prior`` as a shape on ``device``: itself when it already is one there."""
-        device = torch.device(device)
+        """``prior`` as a shape on ``device``: itself when it already is one there, its matrix and
+        factor moved when it is one elsewhere (a copy, not a new factorisation)."""
         if isinstance(prior, Shape):
-            if prior.matrix.device == device or (device.index is None and prior.matrix.device.type == device.type):
+            matrix = prior.matrix.to(device)
+            if matrix is prior.matrix:  # .to hands back the tensor itself when it is already there
                 return prior
-            prior = prior.matrix
+            return cls(matrix, prior.factor.to(device))
         matrix = prior.to(device, torch.float64)
         return cls(matrix, cholesky(matrix))
 
