@@ -161,3 +161,22 @@ def test_a_rephrase_share_blends_the_moves_into_the_shape_kept_and_refused_witho
     editor.use_statistics_of(bare, rephrase_share=0.5)
     with pytest.raises(ValueError, match="no rephrases"):
         editor.shifts(facts)
+
+
+def test_the_malmen_method_keeps_a_kept_shape_without_facts_and_refuses_a_rephrase_share_there(tmp_path):
+    """methods' 'malmen' (editor.from_method): without stats_data the editor's kept shape stays in
+    use; a rephrase share without facts is refused by use_statistics_of, the one check below the CLI's."""
+    from malmen.methods import METHODS
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    editor = MalmenEditor(model, tok, EditorConfig(regulariser="keys", prior_mix=0.5, lm_batch_size=3,
+                                                   hyper=HyperConfig(rank=8, eta_init=0.5)))
+    editor.use_statistics_of(tiny.facts(30, seed=3))
+    editor.keep_prior(rank=16)
+    editor.save_pretrained(tmp_path / "e")
+    loaded = METHODS["malmen"].build(model, tok, str(tmp_path / "e"), {})
+    assert loaded.stats_facts is None and loaded.kept_prior is not None
+    for m in editor.modules:
+        torch.testing.assert_close(loaded.priors()[m].matrix, editor.priors()[m].matrix)
+    with pytest.raises(ValueError, match="needs facts with rephrases"):
+        METHODS["malmen"].build(model, tok, str(tmp_path / "e"), {"rephrase_share": 0.5})
