@@ -91,7 +91,7 @@ def test_a_shaped_regulariser_solves_and_differentiates_like_autograd():
         shape = Shape.of(prior.float(), "cpu")  # made once, its factor reused by every solve
         agg, folded = NormalEquation(a, 3, prior=shape), NormalEquation(a, 3, prior=prior.float())
         assert agg.white is shape.factor and Shape.of(shape, "cpu") is shape
-        moved = Shape.of(shape, "meta")  # another device: both parts moved, nothing factored again
+        moved = Shape.of(shape, "meta")  # another device: a new shape, the matrix and its factor both moved there
         assert (moved.matrix.device.type, moved.factor.device.type) == ("meta", "meta")
         for each in (agg, folded):
             each.accumulate(Tokens(keys, pkeys, pgrads, eta))
