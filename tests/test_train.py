@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tiny
-from malmen.editor import EditorConfig, MalmenEditor, finetune_loss, trace
+from malmen.editor import EditorConfig, MalmenEditor, trace
 from malmen.evaluate import evaluate
 from malmen.hypernet import HyperConfig
 from malmen.solver import value_differences
@@ -44,11 +44,19 @@ def reference_meta_loss(trainer, facts, step):
     def logits(b):
         return torch.func.functional_call(model, params, (), {"input_ids": b.input_ids, "attention_mask": b.attention_mask}).logits[b.mask]
 
+    def answer_loss(b):  # each fact's mean cross-entropy, its first answer token weighed first_token_weight
+        ce, total, i = torch.nn.functional.cross_entropy(logits(b), b.targets[b.mask], reduction="none"), 0.0, 0
+        for count in b.mask.sum(1).tolist():
+            w = torch.ones(count)
+            w[0] = trainer.config.first_token_weight
+            total, i = total + (ce[i:i + count] * w).sum() / w.sum(), i + count
+        return total
+
     n = len(facts)
-    l_gen = finetune_loss(logits(gen), gen) / n
+    l_gen = answer_loss(gen) / n
     if trainer.config.c_edit:  # the edit prompts' own loss, with the same shifts applied
         edit = adapter.batch([f.prompt for f in facts], [f.target for f in facts])
-        l_gen = l_gen + trainer.config.c_edit * finetune_loss(logits(edit), edit) / n
+        l_gen = l_gen + trainer.config.c_edit * answer_loss(edit) / n
     kl = (before.exp() * (before - torch.log_softmax(logits(loc), -1))).sum(-1)
     l_loc = loc.per_fact_sum(kl) / n
     for name, p in model.named_parameters():
@@ -56,14 +64,16 @@ def reference_meta_loss(trainer, facts, step):
     return l_gen + trainer.config.c_loc * l_loc
 
 
-@pytest.mark.parametrize("aggregation, c_edit", [("malmen", 0.0), ("sum", 0.0), ("joint", 0.0), ("malmen", 0.6)])
-def test_separated_backprop_matches_autograd(aggregation, c_edit):
+@pytest.mark.parametrize("aggregation, c_edit, first", [("malmen", 0.0, 1.0), ("sum", 0.0, 1.0), ("joint", 0.0, 1.0),
+                                                        ("malmen", 0.6, 1.0), ("malmen", 0.6, 3.0)])
+def test_separated_backprop_matches_autograd(aggregation, c_edit, first):
     torch.manual_seed(0)
     model, tok = tiny.llama(layers=3), tiny.tokenizer()
     ed = MalmenEditor(model, tok, EditorConfig(modules=[], aggregation=aggregation, hyper=HyperConfig(rank=8),
                                                lm_batch_size=3, hyper_batch_size=5))
     facts = tiny.facts(8, seed=3)
-    trainer = Trainer(ed, facts, facts, TrainConfig(n_edits=8, c_loc=0.7, c_edit=c_edit, calibrate_eta=False), "/tmp/unused")
+    trainer = Trainer(ed, facts, facts, TrainConfig(n_edits=8, c_loc=0.7, c_edit=c_edit, first_token_weight=first,
+                                                                calibrate_eta=False), "/tmp/unused")
     hn = ed.hypernet
     with torch.no_grad():  # move away from the identity so that every parameter matters
         hn.log_eta.fill_(math.log(3.0))

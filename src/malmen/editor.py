@@ -82,14 +82,15 @@ class EditorConfig:
 
 # ---------------------------------------------------------------- tracing facts
 
-def finetune_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Sum over facts of each fact's mean cross-entropy on its answer tokens.
+def finetune_loss(logits: torch.Tensor, batch: Batch, first: float = 1.0) -> torch.Tensor:
+    """Sum over facts of each fact's mean cross-entropy on its answer tokens (``first``: the first
+    answer token's weight in that mean, Batch.per_fact_sum).
 
     Per-fact means make a fact's value-gradient independent of the batch it is traced in.
     """
     # the targets move to the logits: on a model spread over devices the head sits on the last one
     token_loss = nn.functional.cross_entropy(logits, batch.answer_targets().to(logits.device), reduction="none")
-    return batch.per_fact_sum(token_loss)
+    return batch.per_fact_sum(token_loss, first)
 
 
 def trace(adapter: Adapter, modules: Sequence[str], batch: Batch, where: str = "answer") -> tuple[dict, dict]:

@@ -45,6 +45,7 @@ class TrainConfig:
     scalar_lr: float = 1e-2      # Adam, log-step, log-lambda and its exponent
     c_loc: float = 1.0
     c_edit: float = 0.0          # weight of the edit prompts' own loss in L_meta (0: rephrases only, the paper's)
+    first_token_weight: float = 1.0  # the first answer token's weight in each fact's answer loss (1: a plain mean)
     clip: float = 1.0
     val_every: int = 50
     val_n: int = 128             # validation facts edited at once
@@ -212,7 +213,7 @@ class Trainer:
 
         def answer_loss(batch, name: str, weight: float):
             def loss_of(logits):
-                loss = finetune_loss(logits, batch) / n
+                loss = finetune_loss(logits, batch, cfg.first_token_weight) / n
                 losses[f"{name}_loss"] += loss.detach()  # a tensor: no host round-trip per micro-batch
                 return weight * loss
             return loss_of

@@ -69,9 +69,18 @@ class Batch:
         moved = {f.name: _moved(getattr(indexed, f.name), device) for f in dataclasses.fields(self)}
         return Batch(**moved)
 
-    def per_fact_sum(self, token_values: torch.Tensor) -> torch.Tensor:
-        """Sum over facts of the mean of each fact's ``token_values`` (one per answer position)."""
-        return (token_values * self.indexed().answer_weights.to(token_values.device)).sum()
+    def per_fact_sum(self, token_values: torch.Tensor, first: float = 1.0) -> torch.Tensor:
+        """Sum over facts of the mean of each fact's ``token_values`` (one per answer position);
+        ``first``: the weight of each fact's first answer position against 1 for the others in that
+        mean (1: the plain mean)."""
+        weights = self.indexed().answer_weights
+        if first != 1.0:
+            counts = self.mask.sum(1)
+            starts = counts.cumsum(0) - counts  # each fact's first answer position in answer_rows order
+            weights = torch.ones(int(counts.sum()), device=counts.device)
+            weights[starts[counts > 0]] = first
+            weights = weights / (counts + first - 1.0).clamp_min(1e-12).repeat_interleave(counts)
+        return (token_values * weights.to(token_values.device)).sum()
 
     def answer_targets(self) -> torch.Tensor:
         """The target token of every answer position, in ``answer_rows`` order."""

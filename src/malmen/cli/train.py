@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
     t.add_argument("--c-loc", type=float, default=1.0, help="weight of the locality loss")
     t.add_argument("--c-edit", type=float, default=0.0,
                    help="weight of the edit prompts' own loss beside the rephrases' (0: rephrases only, the paper's)")
+    t.add_argument("--first-token-weight", type=float, default=1.0,
+                   help="weight of each fact's first answer token against 1 for the others in the answer losses "
+                        "(1: a plain mean; the first token carries the new fact)")
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
     t.add_argument("--val-every", type=int, default=50, help="validate (and checkpoint) every this many steps")
     t.add_argument("--val-n", type=int, default=128, help="validation facts edited at once")
@@ -81,6 +84,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.first_token_weight > 0.0:
+        raise UsageError(f"--first-token-weight must be positive, not {args.first_token_weight}")
     if args.eta_factor != 1.0 and not (args.init_editor and args.modules):
         raise UsageError("--eta-factor needs --init-editor and --modules (it scales the steps of a moved editor)")
     if args.init_editor:
@@ -144,7 +149,8 @@ def build_trainer(args: argparse.Namespace, model, tok, train: list, val: list):
             editor = MalmenEditor(model, tok, config)
         n_edits = args.n_edits[0] if len(args.n_edits) == 1 else list(args.n_edits)
         tc = TrainConfig(n_edits=n_edits, steps=args.steps, lr=args.lr, scalar_lr=args.scalar_lr,
-                         c_loc=args.c_loc, c_edit=args.c_edit, clip=args.clip, val_every=args.val_every, val_n=args.val_n,
+                         c_loc=args.c_loc, c_edit=args.c_edit, first_token_weight=args.first_token_weight, clip=args.clip,
+                         val_every=args.val_every, val_n=args.val_n,
                          seed=args.seed, max_minutes=args.max_minutes, cache_dtype=args.cache_dtype,
                          cache_budget_mb=args.cache_budget_mb, trunk_store=args.trunk_store, trunk_dtype=args.trunk_dtype)
         trainer = Trainer(editor, train, val, tc, args.out, log=lambda m: print(m, file=sys.stderr))
