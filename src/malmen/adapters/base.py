@@ -74,12 +74,12 @@ class Batch:
         ``first``: the weight of each fact's first answer position against 1 for the others in that
         mean (1: the plain mean)."""
         weights = self.indexed().answer_weights
-        if first != 1.0:
-            counts = self.mask.sum(1)
-            starts = counts.cumsum(0) - counts  # each fact's first answer position in answer_rows order
-            weights = torch.ones(int(counts.sum()), device=counts.device)
-            weights[starts[counts > 0]] = first
-            weights = weights / (counts + first - 1.0).clamp_min(1e-12).repeat_interleave(counts)
+        if first != 1.0:  # sizes known on the host: no synchronisation with a GPU
+            counts, n = self.mask.sum(1), weights.shape[0]
+            starts = (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=n)  # in answer_rows order
+            is_first = torch.arange(n, device=counts.device) == starts
+            per_fact = (counts + first - 1.0).repeat_interleave(counts, output_size=n)  # each fact's total weight
+            weights = torch.where(is_first, first, 1.0) / per_fact
         return (token_values * weights.to(token_values.device)).sum()
 
     def answer_targets(self) -> torch.Tensor:
