@@ -327,7 +327,7 @@ def test_unknown_editor_and_module_exit_2(workspace, tmp_path):
     assert r.returncode == 2 and "--eta-factor needs --init-editor" in r.stderr and not (tmp_path / "run").exists()
     r = run_cli("train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--no-split",
                 "--out", str(tmp_path / "run"), "--first-token-weight", "0", "--steps", "1")
-    assert r.returncode == 2 and "--first-token-weight must be positive" in r.stderr and not (tmp_path / "run").exists()
+    assert r.returncode == 2 and "--first-token-weight: must be positive" in r.stderr and not (tmp_path / "run").exists()
 
 
 def test_method_and_editor_must_agree(workspace, trained):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -477,7 +478,7 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
     if options.get("stats_data"):
         from .datasets import load_facts
 
-        stream = load_facts(options["stats_data"], split="train")  # never a held-out part's own locality prompts
-        facts = [f for _, f in zip(range(options.get("stats_texts") or 512), stream)]
+        # never a held-out part's own locality prompts
+        facts = list(islice(load_facts(options["stats_data"], split="train"), options.get("stats_texts") or 512))
     loaded.use_statistics_of(facts, options.get("rephrase_share") or 0.0)
     return loaded

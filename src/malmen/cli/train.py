@@ -8,7 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..methods import REGULARISERS, fraction
+from ..methods import REGULARISERS, fraction, positive
 from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, checked_stats_data, load, read_facts, seed
 
 DEFAULT_RANK = 256  # a new editor's hyper-network rank (hypernet.HyperConfig's; here without importing torch)
@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     t.add_argument("--c-loc", type=float, default=1.0, help="weight of the locality loss")
     t.add_argument("--c-edit", type=float, default=0.0,
                    help="weight of the edit prompts' own loss beside the rephrases' (0: rephrases only, the paper's)")
-    t.add_argument("--first-token-weight", type=float, default=1.0,
+    t.add_argument("--first-token-weight", type=positive, default=1.0,
                    help="weight of each fact's first answer token against 1 for the others in the answer losses "
                         "(1: a plain mean; the first token carries the new fact)")
     t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
@@ -84,8 +84,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.first_token_weight > 0.0:
-        raise UsageError(f"--first-token-weight must be positive, not {args.first_token_weight}")
     if args.eta_factor != 1.0 and not (args.init_editor and args.modules):
         raise UsageError("--eta-factor needs --init-editor and --modules (it scales the steps of a moved editor)")
     if args.init_editor:
