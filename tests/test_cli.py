@@ -175,6 +175,22 @@ def test_export_keeps_a_regulariser_shaped_by_a_fact_files_locality_keys(workspa
     assert not (tmp_path / "few").exists()
 
 
+@pytest.mark.parametrize("command", ["eval", "edit"])
+def test_stats_data_is_read_once_and_the_checked_facts_are_used(workspace, trained, tmp_path, monkeypatch, command):
+    """eval/edit --stats-data: the file is read once, by the check before loading (with --target and
+    --format), and the method uses those facts, not a second read with the defaults."""
+    import malmen.datasets as datasets
+
+    reads, real = [], datasets.load_facts
+    monkeypatch.setattr(datasets, "load_facts", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    w, stats = workspace, str(workspace / "train.jsonl")
+    where = (["--data", str(w / "val.jsonl"), "--n-edits", "8", "--no-generate"] if command == "eval" else
+             ["--facts", str(w / "val.jsonl"), "--out", str(tmp_path / "edited")])
+    assert main([command, "--model", str(w / "model"), "--editor", str(trained / "best"), *where, "--regulariser", "keys",
+                 "--stats-data", stats, "--stats-texts", "40", "--prior-mix", "0.5", "--rephrase-share", "0.5", "--format", "facts"]) == 0
+    assert reads.count(stats) == 1
+
+
 def test_eval_with_a_keys_shaped_regulariser_reports_what_the_library_computes(workspace, trained):
     """--regulariser keys --stats-data: the key statistics at the locality answers of the file's
     train part (the first --stats-texts facts); the same figures as the library's editor so set."""

@@ -180,3 +180,20 @@ def test_the_malmen_method_keeps_a_kept_shape_without_facts_and_refuses_a_rephra
         torch.testing.assert_close(loaded.priors()[m].matrix, editor.priors()[m].matrix)
     with pytest.raises(ValueError, match="needs facts with rephrases"):
         METHODS["malmen"].build(model, tok, str(tmp_path / "e"), {"rephrase_share": 0.5})
+
+
+def test_the_malmen_method_takes_facts_or_a_file_for_its_statistics(tmp_path):
+    """from_method's stats_data: facts already read are used as given (the first stats_texts of them);
+    a path is read (its train part, never a held-out part's locality prompts)."""
+    from malmen.datasets import load_facts
+    from malmen.methods import METHODS
+
+    model, tok = tiny.llama(init=0.3), tiny.tokenizer()
+    MalmenEditor(model, tok, EditorConfig(lm_batch_size=3, hyper=HyperConfig(rank=8))).save_pretrained(tmp_path / "e")
+    stats = tiny.facts(30, seed=3)
+    tiny.write_facts(tmp_path / "stats.jsonl", stats)
+    options = {"regulariser": "keys", "prior_mix": 0.5, "stats_texts": 20}
+    given = METHODS["malmen"].build(model, tok, str(tmp_path / "e"), {**options, "stats_data": stats})
+    read = METHODS["malmen"].build(model, tok, str(tmp_path / "e"), {**options, "stats_data": str(tmp_path / "stats.jsonl")})
+    assert given.stats_facts == stats[:20]
+    assert read.stats_facts == list(load_facts(tmp_path / "stats.jsonl", split="train"))[:20] != stats[:20]

@@ -11,6 +11,7 @@ else is shared.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -464,7 +465,8 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
     """The factory of the 'malmen' and 'mend' methods (methods.py): a trained editor, loaded, with
     the method's options (``lambda_scale``, ``regulariser``, ``prior_mix``, ``stats_dir``, ``stats_texts``,
     ``stats_data``, ``rephrase_share``) applied;
-    an option left at None keeps the editor's own setting."""
+    an option left at None keeps the editor's own setting.  ``stats_data``: a fact file (its train
+    part is read) or the facts themselves, of which the first ``stats_texts`` are used."""
     loaded = MalmenEditor.from_pretrained(editor, model, tokenizer)
     for key in ("lambda_scale", "regulariser", "prior_mix"):
         if options.get(key) is not None:
@@ -475,10 +477,12 @@ def from_method(model: nn.Module, tokenizer, editor: str | None, options: dict, 
     if options.get("stats_texts"):
         loaded.corpus = Corpus(texts=options["stats_texts"])
     facts = None  # None keeps the editor's kept shape (or sampled text); a rephrase share is then refused
-    if options.get("stats_data"):
+    data = options.get("stats_data")
+    if isinstance(data, (str, os.PathLike)):
         from .datasets import load_facts
 
-        # never a held-out part's own locality prompts
-        facts = list(islice(load_facts(options["stats_data"], split="train"), options.get("stats_texts") or 512))
+        data = load_facts(data, split="train")  # never a held-out part's own locality prompts
+    if data is not None:  # facts already read (the CLI's, checked with its --target and --format) or just opened
+        facts = list(islice(data, options.get("stats_texts") or 512))
     loaded.use_statistics_of(facts, options.get("rephrase_share") or 0.0)
     return loaded

@@ -122,10 +122,15 @@ def add_method_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
 
 
-def method_options(args: argparse.Namespace) -> dict:
+def method_options(args: argparse.Namespace, stats_facts: list | None = None) -> dict:
+    """The methods' options by dest, as parsed; ``stats_facts`` (``checked_stats_data``'s) stand for
+    --stats-data, so the method uses the facts checked with --target and --format, read once."""
     from ..methods import all_options
 
-    return {o.dest: getattr(args, o.dest) for o in all_options() if hasattr(args, o.dest)}
+    options = {o.dest: getattr(args, o.dest) for o in all_options() if hasattr(args, o.dest)}
+    if stats_facts is not None:
+        options["stats_data"] = stats_facts
+    return options
 
 
 def checked_method(name: str | None, editor: str | None):

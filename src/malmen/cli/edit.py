@@ -54,7 +54,7 @@ def check_file(args: argparse.Namespace, probe_size: int = 32) -> Checked:
 def run(args: argparse.Namespace) -> int:
     method = checked_method(args.method, args.editor)
     checked_device_map(args, method)
-    checked_stats_data(args)
+    stats_facts = checked_stats_data(args)
     if args.dry_run and not method.trained:
         raise UsageError(f"--dry-run estimates trained editors, not --method {method.name}")
     if args.patch_out and method.name != "malmen":
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     seed(args)
     model, tok = load(args)
-    editor = method.build(model, tok, args.editor, method_options(args))
+    editor = method.build(model, tok, args.editor, method_options(args, stats_facts))
     if args.dry_run:
         return dry_run(args, editor, checked)
     main = main_process()  # under torchrun every process edits its share; rank 0 prints and writes

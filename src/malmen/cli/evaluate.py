@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     method = checked_method(args.method, args.editor)
     text = checked_text(args)
     checked_device_map(args, method)
-    checked_stats_data(args)
+    stats_facts = checked_stats_data(args)
     facts = read_facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups,
                        fmt=args.format)[args.skip:]
     if not facts:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: only {len(facts)} facts available; editing all of them at once", file=sys.stderr)
     seed(args)
     model, tok = load(args)
-    editor = method.build(model, tok, args.editor, method_options(args))
+    editor = method.build(model, tok, args.editor, method_options(args, stats_facts))
     from ..methods import prepare
 
     prepared = prepare(editor)  # one-time work (MEMIT's key statistics), timed apart from the edits
