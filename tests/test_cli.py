@@ -553,3 +553,17 @@ def test_bench_quality_refuses_a_ppl_text_that_cannot_serve_before_the_model_is_
                 "--data", f"tiny={facts}", "--n", "1", "--ppl-text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip() == f"malmen: error: {tmp_path / 'empty.txt'}: holds no text", r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_quality_refuses_bad_stats_data_before_the_model_is_loaded(trained, tmp_path):
+    """bench quality --stats-data is checked like eval's: file, record and field named, exit 2,
+    before the (here missing) model would load, nothing written."""
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "a", "target": "b"}\n')
+    bad = tmp_path / "stats.jsonl"
+    bad.write_text('{"prompt": "a", "target": "b", "locality_prompt": "c", "locality_answer": "d"}\n{"prompt": "c"}\n')
+    r = run_cli("bench", "quality", "--model", str(tmp_path / "no-model"), "--methods", f"malmen={trained / 'best'}",
+                "--data", f"tiny={facts}", "--n", "1", "--regulariser", "keys", "--stats-data", str(bad),
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "record 2: field 'target': missing" in r.stderr and "no-model" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -145,16 +145,17 @@ def checked_method(name: str | None, editor: str | None):
     return method
 
 
-def checked_stats_data(args: argparse.Namespace) -> list | None:
+def checked_stats_data(args: argparse.Namespace, target: str | None = None) -> list | None:
     """Read --stats-data (malmen's key statistics from a fact file's locality prompts) before
     anything loads: a bad record, or no locality prompt in the part used, stops here.  Returns the
-    facts read (None without --stats-data), so a command that uses them reads the file once."""
+    facts read (None without --stats-data), so a command that uses them reads the file once.
+    ``target``: the answers read (default ``--target``; they place the rephrase moves)."""
     path, share = getattr(args, "stats_data", None), getattr(args, "rephrase_share", None)
     if path is None:
         if share:
             raise UsageError("--rephrase-share needs --stats-data (facts with rephrases)")
         return None
-    facts = read_facts(path, args.target, split="train", limit=args.stats_texts, fmt=args.format)
+    facts = read_facts(path, target or args.target, split="train", limit=args.stats_texts, fmt=args.format)
     if not any(f.has_locality for f in facts):
         raise UsageError(f"{path}: no locality prompts among the first {len(facts)} facts of its train part "
                          "(--stats-data needs them)")
