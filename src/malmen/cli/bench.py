@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import (DATA_HINT, UsageError, add_common, add_hyper_precision, add_ppl_text, checked_method, checked_stats_data,
-                     checked_text, load, method_options, read_facts, seed, text_windows, write_result)
+from .common import (DATA_HINT, UsageError, add_common, add_hyper_precision, add_ppl_text, checked_method,
+                     checked_method_options, checked_text, load, read_facts, seed, text_windows, write_result)
 
 
 def add_parser(sub) -> None:
@@ -98,7 +98,7 @@ def quality(args: argparse.Namespace) -> int:
         raise UsageError("two --methods share a row name: name them LABEL:METHOD=EDITOR")
     text = checked_text(args)
     # one editor serves every target; its statistics read the first target's answers
-    stats_facts = checked_stats_data(args, target=args.targets[0])
+    options = checked_method_options(args, target=args.targets[0])
     splits, skips = per_data(args.split or ["all"], args.data, "--split"), per_data(args.skip, args.data, "--skip")
     datasets = []
     for spec, split, skip in zip(args.data, splits, skips):
@@ -112,7 +112,7 @@ def quality(args: argparse.Namespace) -> int:
             datasets.append((name, target, facts))
     seed(args)
     model, tok = load(args)
-    editors = {label: method.build(model, tok, editor, method_options(args, stats_facts)) for label, method, editor in methods}
+    editors = {label: method.build(model, tok, editor, options) for label, method, editor in methods}
     texts = text_windows(args, text, next(iter(editors.values())).adapter)
     rows = run_quality(editors, datasets, args.n, args.facts_per_point, generate=not args.no_generate,
                        log=lambda m: print(m, file=sys.stderr), texts=texts)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import sys
 from pathlib import Path
 
 DATA_HINT = "a fact file: zsRE (MEND or EasyEdit fields), CounterFact (EasyEdit or ROME), or JSONL with prompt/target"
@@ -122,12 +121,14 @@ def add_method_options(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
 
 
-def method_options(args: argparse.Namespace, stats_facts: list | None = None) -> dict:
-    """The methods' options by dest, as parsed; ``stats_facts`` (``checked_stats_data``'s) stand for
-    --stats-data, so the method uses the facts checked with --target and --format, read once."""
+def checked_method_options(args: argparse.Namespace, target: str | None = None) -> dict:
+    """The methods' options by dest, as parsed and checked before anything loads; --stats-data
+    stands there as the facts ``checked_stats_data`` read (with ``target`` and --format), so the
+    method uses those, read once."""
     from ..methods import all_options
 
     options = {o.dest: getattr(args, o.dest) for o in all_options() if hasattr(args, o.dest)}
+    stats_facts = checked_stats_data(args, target)
     if stats_facts is not None:
         options["stats_data"] = stats_facts
     return options

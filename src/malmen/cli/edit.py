@@ -5,7 +5,7 @@ import argparse
 
 from ..formats import MODEL_FILE, PATCH_FILE
 from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, checked_device_map,
-                     checked_method, checked_out, checked_stats_data, load, main_process, method_options, progress, seed)
+                     checked_method, checked_method_options, checked_out, load, main_process, progress, seed)
 
 
 def add_parser(sub) -> None:
@@ -54,7 +54,7 @@ def check_file(args: argparse.Namespace, probe_size: int = 32) -> Checked:
 def run(args: argparse.Namespace) -> int:
     method = checked_method(args.method, args.editor)
     checked_device_map(args, method)
-    stats_facts = checked_stats_data(args)
+    options = checked_method_options(args)
     if args.dry_run and not method.trained:
         raise UsageError(f"--dry-run estimates trained editors, not --method {method.name}")
     if args.patch_out and method.name != "malmen":
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     seed(args)
     model, tok = load(args)
-    editor = method.build(model, tok, args.editor, method_options(args, stats_facts))
+    editor = method.build(model, tok, args.editor, options)
     if args.dry_run:
         return dry_run(args, editor, checked)
     main = main_process()  # under torchrun every process edits its share; rank 0 prints and writes

@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from .common import (DATA_HINT, UsageError, add_common, add_device_map, add_method_options, add_ppl_text,
-                     checked_device_map, checked_method, checked_stats_data, checked_text, load, main_process,
-                     method_options, read_facts, seed, text_windows, write_result)
+                     checked_device_map, checked_method, checked_method_options, checked_text, load, main_process,
+                     read_facts, seed, text_windows, write_result)
 
 
 def add_parser(sub) -> None:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     method = checked_method(args.method, args.editor)
     text = checked_text(args)
     checked_device_map(args, method)
-    stats_facts = checked_stats_data(args)
+    options = checked_method_options(args)
     facts = read_facts(args.data, args.target, split=args.split, limit=args.skip + args.n_edits * args.groups,
                        fmt=args.format)[args.skip:]
     if not facts:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: only {len(facts)} facts available; editing all of them at once", file=sys.stderr)
     seed(args)
     model, tok = load(args)
-    editor = method.build(model, tok, args.editor, method_options(args, stats_facts))
+    editor = method.build(model, tok, args.editor, options)
     from ..methods import prepare
 
     prepared = prepare(editor)  # one-time work (MEMIT's key statistics), timed apart from the edits
