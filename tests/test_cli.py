@@ -567,3 +567,17 @@ def test_bench_quality_refuses_bad_stats_data_before_the_model_is_loaded(trained
                 "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "record 2: field 'target': missing" in r.stderr and "no-model" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--c-loc", "-1", "argument --c-loc: must be zero or positive, not -1"),
+    ("--val-n", "0", "argument --val-n: must be at least 1, not 0"),
+    ("--clip", "0", "argument --clip: must be positive, not 0"),
+])
+def test_train_refuses_a_setting_no_run_can_use_before_the_model_is_loaded(tmp_path, option, value, message):
+    facts = tmp_path / "f.jsonl"
+    facts.write_text('{"prompt": "a", "target": "b"}\n')
+    r = run_cli("train", "--model", str(tmp_path / "no-model"), "--data", str(facts), option, value,
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and message in r.stderr.splitlines()[-1], r.stderr
+    assert "no-model" not in r.stderr and not (tmp_path / "o").exists()

@@ -186,3 +186,18 @@ def test_step_cache_spills_to_memory_mapped_files(tmp_path):
     assert not list(tmp_path.iterdir())
     with StepCache("fp32", budget_mb=1.0) as cache:
         assert torch.equal(cache.put(x)[0]["a"], x["a"]) and cache.spilled_mb == 0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("c_loc", -1.0, "c_loc must be zero or positive, not -1.0"),
+    ("c_edit", math.nan, "c_edit must be zero or positive, not nan"),
+    ("first_token_weight", 0.0, "first_token_weight must be positive, not 0.0"),
+    ("clip", -0.5, "clip must be positive, not -0.5"),
+    ("val_n", 0, "val_n must be at least 1, not 0"),
+    ("cache_dtype", "fp16", "cache_dtype must be fp32 or bf16, not fp16"),
+])
+def test_a_setting_no_run_can_use_is_refused_when_the_trainer_is_built(field, value, message):
+    editor = MalmenEditor(tiny.llama(layers=2), tiny.tokenizer(), EditorConfig(hyper=HyperConfig(rank=4)))
+    with pytest.raises(ValueError, match=message):
+        Trainer(editor, tiny.facts(50, seed=1), [], TrainConfig(n_edits=8, **{field: value}), "/tmp/unused")
+    assert TrainConfig(n_edits=8, lr=0.0, c_loc=0.0).check().lr == 0.0  # zero switches a term off: allowed

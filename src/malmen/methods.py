@@ -55,6 +55,22 @@ def regulariser(text: str) -> str:
     return text
 
 
+def count(text: str) -> int:
+    """An option's type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def nonnegative(text: str) -> float:
+    """An option's type: zero or a positive number (a weight that may switch its term off)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, not {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """An option's type: a number in [0, 1]."""
     value = float(text)

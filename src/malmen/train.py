@@ -57,13 +57,32 @@ class TrainConfig:
     trunk_store: str | None = None  # directory keeping the hidden states below the edits across steps (trunkstore.py)
     trunk_dtype: str = "fp16"    # their dtype on disk: fp16 or fp32
 
+    def check(self) -> "TrainConfig":
+        """Refuse settings no run can use (ValueError naming the field), before any work."""
+        for name in ("lr", "scalar_lr", "c_loc", "c_edit"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be zero or positive, not {getattr(self, name)}")
+        for name in ("first_token_weight", "clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("val_every", "val_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, not {self.max_minutes}")
+        if self.cache_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"cache_dtype must be fp32 or bf16, not {self.cache_dtype}")
+        if self.trunk_dtype not in ("fp16", "fp32"):
+            raise ValueError(f"trunk_dtype must be fp16 or fp32, not {self.trunk_dtype}")
+        return self
+
 
 class Trainer:
     """Meta-trains ``editor.hypernet`` on training facts; keeps ``last`` and ``best`` checkpoints."""
 
     def __init__(self, editor: MalmenEditor, train: Sequence[Fact], val: Sequence[Fact],
                  config: TrainConfig, out_dir: str | Path, log: Callable[[str], None] = print):
-        self.editor, self.config, self.log = editor, config, log
+        self.editor, self.config, self.log = editor, config.check(), log
         self.train = [f for f in train if f.rephrases and f.has_locality]
         self.val = [f for f in val if f.rephrases and f.has_locality][: config.val_n]
         if min(self.sizes) < 1:

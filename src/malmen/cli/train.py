@@ -8,7 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..methods import REGULARISERS, fraction, positive
+from ..methods import REGULARISERS, count, fraction, nonnegative, positive
 from .common import DATA_HINT, UsageError, add_common, add_hyper_precision, checked_stats_data, load, read_facts, seed
 
 DEFAULT_RANK = 256  # a new editor's hyper-network rank (hypernet.HyperConfig's; here without importing torch)
@@ -53,21 +53,21 @@ def add_parser(sub) -> None:
                    "--init-editor, a higher rank widens the editor's blocks, the same shifts at the start "
                    "(default: 256, or the editor's)")
     t.add_argument("--blocks", type=int, default=2, help="residual blocks of the hyper-network")
-    t.add_argument("--n-edits", type=int, nargs="+", default=[64],
+    t.add_argument("--n-edits", type=count, nargs="+", default=[64],
                    help="facts edited at once per training step; several: the steps cycle through them (a mix of n)")
     t.add_argument("--steps", type=int, default=1000, help="train until this step (counted over resumes)")
-    t.add_argument("--max-minutes", type=float, help="stop after this long (best checkpoint kept)")
-    t.add_argument("--lr", type=float, default=1e-4, help="Adam lr of the hyper-network's weights")
-    t.add_argument("--scalar-lr", type=float, default=1e-2, help="Adam lr of log-step, log-lambda and lambda's exponent")
-    t.add_argument("--c-loc", type=float, default=1.0, help="weight of the locality loss")
-    t.add_argument("--c-edit", type=float, default=0.0,
+    t.add_argument("--max-minutes", type=positive, help="stop after this long (best checkpoint kept)")
+    t.add_argument("--lr", type=nonnegative, default=1e-4, help="Adam lr of the hyper-network's weights")
+    t.add_argument("--scalar-lr", type=nonnegative, default=1e-2, help="Adam lr of log-step, log-lambda and lambda's exponent")
+    t.add_argument("--c-loc", type=nonnegative, default=1.0, help="weight of the locality loss")
+    t.add_argument("--c-edit", type=nonnegative, default=0.0,
                    help="weight of the edit prompts' own loss beside the rephrases' (0: rephrases only, the paper's)")
     t.add_argument("--first-token-weight", type=positive, default=1.0,
                    help="weight of each fact's first answer token against 1 for the others in the answer losses "
                         "(1: a plain mean; the first token carries the new fact)")
-    t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    t.add_argument("--val-every", type=int, default=50, help="validate (and checkpoint) every this many steps")
-    t.add_argument("--val-n", type=int, default=128, help="validation facts edited at once")
+    t.add_argument("--clip", type=positive, default=1.0, help="global gradient-norm clip")
+    t.add_argument("--val-every", type=count, default=50, help="validate (and checkpoint) every this many steps")
+    t.add_argument("--val-n", type=count, default=128, help="validation facts edited at once")
     t.add_argument("--lm-batch-size", type=int, default=32, help="facts per LM micro-batch")
     t.add_argument("--hyper-batch-size", type=int, default=4096, help="tokens per hyper-network chunk")
     t.add_argument("--cache-dtype", default="fp32", choices=["fp32", "bf16"],
