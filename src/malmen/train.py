@@ -57,8 +57,15 @@ class TrainConfig:
     trunk_store: str | None = None  # directory keeping the hidden states below the edits across steps (trunkstore.py)
     trunk_dtype: str = "fp16"    # their dtype on disk: fp16 or fp32
 
+    @property
+    def sizes(self) -> list[int]:
+        """The facts edited at once in each step of a cycle (one size unless ``n_edits`` is a mix)."""
+        return [self.n_edits] if isinstance(self.n_edits, int) else list(self.n_edits)
+
     def check(self) -> "TrainConfig":
         """Refuse settings no run can use (ValueError naming the field), before any work."""
+        if min(self.sizes) < 1:
+            raise ValueError(f"facts per step must be positive, not {self.n_edits}")
         for name in ("lr", "scalar_lr", "c_loc", "c_edit"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise ValueError(f"{name} must be zero or positive, not {getattr(self, name)}")
@@ -85,8 +92,6 @@ class Trainer:
         self.editor, self.config, self.log = editor, config.check(), log
         self.train = [f for f in train if f.rephrases and f.has_locality]
         self.val = [f for f in val if f.rephrases and f.has_locality][: config.val_n]
-        if min(self.sizes) < 1:
-            raise ValueError(f"facts per step must be positive, not {config.n_edits}")
         if len(self.train) < sum(self.sizes):  # one step of every size fits in an epoch
             raise ValueError(f"need at least {sum(self.sizes)} training facts with rephrases and locality, got {len(self.train)}")
         self.out = Path(out_dir)
@@ -111,9 +116,8 @@ class Trainer:
 
     @property
     def sizes(self) -> list[int]:
-        """The facts edited at once in each step of a cycle (one size unless ``n_edits`` is a mix)."""
-        n = self.config.n_edits
-        return [n] if isinstance(n, int) else list(n)
+        """The facts edited at once in each step of a cycle (``TrainConfig.sizes``)."""
+        return self.config.sizes
 
     # --- data order: a function of (seed, step) only, so a resumed run sees the same facts
     def step_facts(self, step: int) -> list[Fact]:
